@@ -12,6 +12,9 @@ from transformers.utils import logging
 
 # Modules that contribute sub-commands, in the order `--help` lists them.
 SUBCOMMAND_MODULES = [
+    "edsd_hf.edsd.train_cli",
+    "edsd_hf.recipes.cli",
+    "edsd_hf.hookmoe.cli",
 ]
 
 

@@ -60,9 +60,11 @@ class EdsdDraftOutput(ModelOutput):
 class EdsdEdFuse(nn.Module):
     """EDFuse: the target feature gates the normed token embedding, in SwiGLU form.
 
-    `down(act(gate(feature)) * up(norm(embedding)))`. The token stays the primary signal and the
-    feature decides which of its directions pass, which is how EDSD aligns the draft to the target
-    token by token. The output starts the draft's residual stream (H wide).
+    `feature + down(act(gate(feature)) * up(norm(embedding)))`, H wide, starts the draft's residual
+    stream. The token is the primary signal and the feature decides which of its directions pass,
+    which is how EDSD aligns the draft to the target token by token. The feature is also added
+    back: without that path, a freshly initialised gate (act(small) ~ 0) blocks the feature, and
+    on tiny test targets the draft reached about a third of the top-1 accuracy after 200 steps.
     """
 
     def __init__(self, config: EdsdConfig):
@@ -75,7 +77,7 @@ class EdsdEdFuse(nn.Module):
 
     def forward(self, feature: torch.Tensor, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, None]:
         gated = self.act_fn(self.gate_proj(feature)) * self.up_proj(self.embedding_norm(inputs_embeds))
-        return self.down_proj(gated), None
+        return feature + self.down_proj(gated), None
 
 
 class EdsdConcatFusion(nn.Module):

@@ -37,7 +37,7 @@ def stdlib_root() -> Path:
 
 
 def is_heldout(relative_path: str) -> bool:
-    """Assign a file to the held-out split from a SHA-256 hash of its POSIX path relative to the stdlib root."""
+    """Return whether a file belongs to the held-out split, decided by a SHA-256 hash of its POSIX path relative to the stdlib root."""
     digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") % 1000 < HELDOUT_PER_MILLE
 
@@ -80,8 +80,8 @@ def collect_stdlib_files(split: str = "train", max_files: int | None = None, roo
 
 
 def read_source(path: Path) -> str:
-    # A few stdlib files contain bytes that are not UTF-8 (in comments or string literals):
-    # replacing them keeps the text usable and the byte-level tokenizer still covers every character.
+    # Replacing bytes that are not valid UTF-8 keeps one odd file from stopping a whole training run,
+    # and the byte-level tokenizer can encode the replacement character like any other.
     return Path(path).read_text(encoding="utf-8", errors="replace")
 
 
@@ -137,7 +137,7 @@ def train_tokenizer(files: Sequence[Path], vocab_size: int, output_dir: str | Pa
 def tokenize_documents(files: Sequence[Path], tokenizer: PreTrainedTokenizerFast, max_tokens: int | None = None) -> torch.Tensor:
     """Tokenize `files` into one stream in which every document starts with the EOS token.
 
-    Stops reading files once the stream holds at least `max_tokens` tokens and truncates it to that length.
+    Stops reading files once the stream contains at least `max_tokens` tokens and truncates it to that length.
     """
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
