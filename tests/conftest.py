@@ -16,3 +16,14 @@ import torch  # noqa: E402
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def trained_llama_pair():
+    """A tiny Llama target and an EDSD draft distilled on it briefly, shared by the tests that need
+    accepted draft tokens (training it takes the longest part of the generation tests)."""
+    from tiny_models import distill_draft, make_draft, make_target
+
+    target = make_target("llama")
+    draft = distill_draft(target, make_draft(target), num_steps=250)
+    return target, draft

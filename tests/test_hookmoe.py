@@ -26,6 +26,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from edsd_hf import HookMoEConfig, HookMoEForCausalLM, HookMoETrainer
 from edsd_hf.cli import main as cli_main
 from edsd_hf.hookmoe import build_calibration_dataset, resolve_top_k_schedule
+from edsd_hf.hookmoe.cli import format_schedule, parse_top_k
 from edsd_hf.hookmoe.evaluation import evaluate_hookmoe, evaluate_language_modeling
 from edsd_hf.hookmoe.modeling_hookmoe import find_routers, load_balancing_loss_per_layer
 from edsd_hf.hookmoe.sensitivity import depth_trend, layer_sensitivity, plot_sensitivity, propose_schedule
@@ -85,6 +86,15 @@ SAMPLE_TEXTS = [
     "for index in range(10):\n    total = total + index\n" * 3,
     "import os\npath = os.path.join(root, name)\n" * 3,
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Run these tiny models on one thread: thread start-up costs more than it saves at this size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -428,6 +438,22 @@ def test_trainer_other_losses(base_dirs, tmp_path, loss):
         assert entry["loss"] == pytest.approx(sum(entry[f"{name}_loss"] for name in names), rel=1e-3, abs=1e-5)
 
 
+def test_trainer_checkpoint_resume(base_dirs, tmp_path):
+    model = HookMoEForCausalLM.from_base(base_dirs["olmoe"], top_k=1, hook_layers=[2], hook_rank=8)
+    args = training_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    HookMoETrainer(model=model, args=args, train_dataset=calibration_blocks()).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    saved = safetensors.torch.load_file(checkpoint / "model.safetensors")
+    assert set(saved) == set(model.hook_state_dict())
+
+    resumed = HookMoEForCausalLM.from_base(base_dirs["olmoe"], top_k=1, hook_layers=[2], hook_rank=8)
+    trainer = HookMoETrainer(model=resumed, args=args, train_dataset=calibration_blocks())
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 4
+    for key, tensor in resumed.hook_state_dict().items():
+        torch.testing.assert_close(tensor, model.hook_state_dict()[key])
+
+
 def test_trainer_rejects_model_without_hooks(base_dirs, tmp_path):
     model = HookMoEForCausalLM.from_base(base_dirs["olmoe"], top_k=1)
     with pytest.raises(ValueError, match="no hooks to train"):
@@ -472,7 +498,7 @@ def test_sensitivity_and_proposal(base_dirs, tmp_path):
     assert [entry["layer"] for entry in results["layers"]] == [0, 2, 3]
     assert all(entry["k"] == 1 for entry in results["layers"])
 
-    schedule = propose_schedule(results, NUM_LAYERS, target_reduction=0.3)
+    schedule = propose_schedule(results, NUM_LAYERS, target_reduction=0.15)
     assert schedule[1] is None
     assert sorted(k for k in schedule if k is not None) == [1, 2, 2]
     least_sensitive = min(results["layers"], key=lambda entry: entry["loss"])["layer"]
@@ -508,6 +534,13 @@ def test_propose_schedule_prefers_cheap_layers():
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def test_cli_top_k_parsing():
+    assert parse_top_k("1") == 1
+    assert parse_top_k("2,none,1,1") == [2, None, 1, 1]
+    assert parse_top_k("upper half k=1") == "upper half k=1"
+    assert format_schedule([2, None, 1, 1]) == "2,none,1,1"
+
+
 def test_cli_calibrate_eval_sensitivity(base_dirs, tmp_path, capsys):
     data_file = tmp_path / "data.jsonl"
     with open(data_file, "w") as file:
@@ -528,7 +561,9 @@ def test_cli_calibrate_eval_sensitivity(base_dirs, tmp_path, capsys):
         assert (output_dir / name).is_file(), name
     card = (output_dir / "README.md").read_text()
     assert base in card
-    assert "$" not in card.split("## Limitations")[0].replace("$ ", "")
+    assert "$base_model" not in card
+    assert "$evaluation" not in card
+    assert "perplexity gap closed by hooks" in card
 
     results_file = tmp_path / "eval.json"
     evaluate = [

@@ -86,6 +86,12 @@ def test_corpus_contains_library_modules():
     assert "collections/__init__.py" in all_paths
 
 
+def test_corpus_excludes_generated_codec_tables():
+    all_paths = {path.as_posix() for split in ("train", "heldout") for path in relative_paths(collect_stdlib_files(split))}
+    assert "encodings/cp1252.py" not in all_paths
+    assert "encodings/utf_8.py" in all_paths
+
+
 def test_heldout_files_never_in_train():
     train = set(collect_stdlib_files("train"))
     heldout = set(collect_stdlib_files("heldout"))

@@ -1,7 +1,7 @@
 """Tiny target models and drafts built in code from real transformers configs (no downloads)."""
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Split
 from transformers import (
@@ -61,8 +61,9 @@ def make_char_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {character: index for index, character in enumerate(alphabet[:VOCAB_SIZE])}
     model = Tokenizer(WordLevel(vocab, unk_token="a"))
     model.pre_tokenizer = Split("", behavior="isolated")
+    # Fuse joins tokens without separators, so decoding gives back the original characters.
+    model.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=model)
-    tokenizer.backend_tokenizer.decoder = None
     return tokenizer
 
 
@@ -72,7 +73,9 @@ def prompts(num_prompts: int, seed: int = 0, min_length: int = 3, max_length: in
     return [torch.randint(0, VOCAB_SIZE, (1, int(n)), generator=generator) for n in lengths]
 
 
-def distill_draft(target, draft, num_steps: int = 150, sequence_length: int = 48, ttt_steps: int = 3, seed: int = 0):
+def distill_draft(
+    target, draft, num_steps: int = 150, sequence_length: int = 48, ttt_steps: int = 3, lr: float = 3e-3, seed: int = 0
+):
     """Train `draft` briefly on the target's own greedy continuations, so that it accepts tokens.
 
     A small stand-in for the real trainer: soft cross-entropy against the target's next-token
@@ -89,7 +92,7 @@ def distill_draft(target, draft, num_steps: int = 150, sequence_length: int = 48
     data = torch.cat(sequences)
 
     draft.train()
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=lr)
     for step in range(num_steps):
         batch = data[torch.randint(0, len(data), (8,), generator=generator)]
         with torch.no_grad():

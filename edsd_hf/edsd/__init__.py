@@ -2,8 +2,8 @@ from transformers import AutoConfig, AutoModel
 
 from .cache import EdsdDraftCache
 from .candidate_generator import EdsdCandidateGenerator, SpeculationStats
-from .curriculum import EdsdCurriculumCallback
 from .configuration_edsd import SUPPORTED_TARGET_MODEL_TYPES, EdsdConfig, default_target_layer_ids
+from .curriculum import EdsdCurriculumCallback
 from .integration import TESTED_TRANSFORMERS_RANGE, install_generation_integration
 from .modeling_edsd import EdsdDraftModel, EdsdDraftOutput
 from .trainer import EdsdTrainer

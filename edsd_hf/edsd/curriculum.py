@@ -173,9 +173,12 @@ class EdsdCurriculumCallback(TrainerCallback, ExportableState):
         """Return `E` for `state`: explicit, the run's number of epochs, or the step-pacing default."""
         if self.num_phases is not None:
             return self.num_phases
-        if self.pacing == "step":
-            return max(math.ceil(self.max_drop_ratio / self.drop_step - _FLOOR_EPSILON), 1) if self.drop_step else 1
-        return max(int(state.num_train_epochs or 1), 1)
+        if self.pacing != "step":
+            return max(int(state.num_train_epochs or 1), 1)
+        if self.drop_step == 0:
+            return 1
+        # Enough phases for the first one to start at the cap.
+        return max(math.ceil(self.max_drop_ratio / self.drop_step - _FLOOR_EPSILON), 1)
 
     def ttt_depth_for_phase(self, phase: float, num_phases: int) -> int:
         if self.ttt_depth_per_epoch is not None:

@@ -8,6 +8,7 @@ plain text, and only the assistant tokens of a chat (prompts and system turns ar
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,9 @@ DATA_FORMATS = ("messages", "sharegpt", "text")
 
 # ShareGPT speaker names -> chat-template roles.
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+# The `{% generation %}` block tag that lets `apply_chat_template` return an assistant-token mask.
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 OVERFLOW_ACTIONS = ("truncate", "drop", "error")
 
@@ -66,15 +70,15 @@ def load_raw_dataset(data: str | Path, split: str = "train") -> datasets.Dataset
     if path.exists():
         builder, files = _local_data_files(path)
         description = f"data file {str(path)!r}"
-        load = lambda: datasets.load_dataset(builder, data_files=files, split="train")  # noqa: E731
+        load_arguments = {"path": builder, "data_files": files, "split": "train"}
     else:
         if str(data).endswith(tuple(DATA_FILE_BUILDERS)):
             raise ValueError(f"Data file {str(data)!r} not found.")
         description = f"Hub dataset {str(data)!r} (split {split!r})"
-        load = lambda: datasets.load_dataset(str(data), split=split)  # noqa: E731
+        load_arguments = {"path": str(data), "split": split}
 
     try:
-        dataset = load()
+        dataset = datasets.load_dataset(**load_arguments)
     # `datasets` raises builder-specific errors (JSON decoding, Arrow, network, missing files), all reported alike.
     except Exception as err:
         raise ValueError(f"Could not read {description}: {err}") from err
@@ -128,8 +132,8 @@ def read_examples(dataset: datasets.Dataset, data_format: str | None = None) -> 
 
 
 def _uses_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    return template is not None and "generation" in template and "{%" in template
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    return GENERATION_TAG.search(template) is not None
 
 
 def _assistant_char_spans(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[tuple[int, int]]]:
@@ -215,7 +219,7 @@ def tokenize_examples(
     """Tokenize chat or text examples into a dataset of `input_ids`, `attention_mask` and `loss_mask`.
 
     Plain text longer than `max_length` is split into chunks. A conversation longer than `max_length` is
-    truncated, dropped or rejected as `overflow` says. Conversations without assistant tokens are skipped;
+    truncated, dropped or rejected, as set by `overflow`. Conversations without assistant tokens are skipped;
     data without any raises a `ValueError`.
     """
     if overflow not in OVERFLOW_ACTIONS:
@@ -316,8 +320,13 @@ def _generate_batch(
             **generation_kwargs,
         )
 
-    eos_ids = target.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else [])
+    eos_token_id = target.generation_config.eos_token_id
+    if eos_token_id is None:
+        eos_ids = set()
+    elif isinstance(eos_token_id, list):
+        eos_ids = set(eos_token_id)
+    else:
+        eos_ids = {eos_token_id}
     continuations = []
     for sequence in output[:, width:].tolist():
         tokens = []

@@ -6,6 +6,7 @@ ahead it feeds its own output hidden state back in place of the target features,
 unrolls the same recurrence ("training-time test", see `EdsdDraftModel.forward_unrolled`).
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -269,6 +270,9 @@ class EdsdDraftModel(EdsdPreTrainedModel):
         self.register_buffer("t2d", t2d)
         self._target_embeddings = None
         self.post_init()
+        self._fill_drafting_defaults()
+
+    def _fill_drafting_defaults(self) -> None:
         if self.generation_config is None:
             self.generation_config = GenerationConfig()
         for name, value in DEFAULT_DRAFTING.items():
@@ -277,8 +281,23 @@ class EdsdDraftModel(EdsdPreTrainedModel):
 
     @classmethod
     def can_generate(cls) -> bool:
-        # True so that save_pretrained/from_pretrained keep the drafting settings in generation_config.json.
+        # True so that save_pretrained writes the drafting settings to generation_config.json.
         return True
+
+    def adjust_generation_fn(
+        self, generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, **kwargs
+    ) -> None:
+        """Load the drafting settings saved with the draft (`from_pretrained` calls this)."""
+        if generation_config is not None:
+            self.generation_config = copy.deepcopy(generation_config)
+        elif pretrained_model_name_or_path is not None:
+            download_keys = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+            download_kwargs = {key: kwargs[key] for key in download_keys if kwargs.get(key) is not None}
+            try:
+                self.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **download_kwargs)
+            except OSError:
+                logger.info("No generation_config.json next to the draft; using the default drafting settings.")
+        self._fill_drafting_defaults()
 
     def generate(self, *args, **kwargs):
         raise TypeError(

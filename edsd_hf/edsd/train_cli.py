@@ -1,9 +1,10 @@
 """`edsd-hf train-draft` and `train_draft()`: train an EDSD draft for a target, end to end.
 
-The pipeline: load the target and its tokenizer, load and split the data, optionally augment system
-prompts and regenerate the responses with the target, tokenize, build the draft vocabulary from the
-training split, train with [`EdsdTrainer`], measure acceptance on the held-out split, and save a
-loadable draft with a model card. Run it under `accelerate launch` to train on several processes.
+The pipeline loads the target, its tokenizer and the data, and holds out part of the data. It can
+augment system prompts and regenerate the responses with the target. It then tokenizes, builds the
+draft vocabulary from the training split and trains with [`EdsdTrainer`]. Last, it measures acceptance
+on the held-out split and saves a loadable draft with a model card. Run it under `accelerate launch`
+to train on several processes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import datasets
 import torch
 import transformers
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 from transformers.utils import logging
 
@@ -206,13 +208,13 @@ def prepare_data(
 
     splits = {"train": train_examples, "heldout": heldout_examples}
     tokenized = {}
-    for name, split_examples_ in splits.items():
-        if not split_examples_:
+    for name, split_data in splits.items():
+        if not split_data:
             tokenized[name] = None
             continue
         if regeneration.enabled and data_format == "text":
             rows = regenerate_text(
-                split_examples_,
+                split_data,
                 target,
                 tokenizer,
                 prompt_tokens=regeneration.prompt_tokens,
@@ -224,8 +226,8 @@ def prepare_data(
             tokenized[name] = _rows_to_dataset(rows, max_length)
             continue
         if regeneration.enabled:
-            split_examples_ = regenerate_chat_responses(
-                split_examples_,
+            split_data = regenerate_chat_responses(
+                split_data,
                 target,
                 tokenizer,
                 batch_size=regeneration.batch_size,
@@ -233,7 +235,7 @@ def prepare_data(
                 do_sample=regeneration.do_sample,
                 temperature=regeneration.temperature,
             )
-        tokenized[name] = tokenize_examples(split_examples_, data_format, tokenizer, max_length, overflow=overflow)
+        tokenized[name] = tokenize_examples(split_data, data_format, tokenizer, max_length, overflow=overflow)
     return PreparedData(data_format, tokenized["train"], tokenized["heldout"], prompts, prompt_description)
 
 
@@ -258,9 +260,10 @@ def build_draft(
     config = EdsdConfig.from_target_config(
         target.config, target_layer_ids=target_layer_ids, draft_vocab_size=draft_vocab_size, fusion=fusion
     )
+    # The draft stays in float32 whatever the target's dtype: mixed precision comes from the TrainingArguments.
     draft = EdsdDraftModel(config)
     draft.set_draft_vocab(draft_to_target)
-    return draft.to(target.dtype), draft_vocab_coverage(draft_to_target, counts)
+    return draft, draft_vocab_coverage(draft_to_target, counts)
 
 
 def measure_acceptance_length(
@@ -385,7 +388,7 @@ def train_draft(
             `output_dir/checkpoints`.
         draft_vocab_size: Size of the draft vocabulary, the most frequent training tokens. Defaults to
             32000, or the target's vocabulary when it is smaller.
-        max_length: Longest training sequence in tokens. Defaults to the target's context
+        max_length: Maximum training sequence length in tokens. Defaults to the target's context
             (`max_position_embeddings`), and may not exceed it.
         curriculum: The entropy curriculum; defaults to the published epoch-based schedules.
         regeneration: Regenerate the responses with the target first (off by default).
@@ -483,6 +486,7 @@ def train_draft(
         "max_length": max_length,
         "num_epochs": trainer.state.num_train_epochs,
         "num_steps": trainer.state.global_step,
+        "num_processes": trainer.args.world_size,
         "curriculum": curriculum.describe(),
         "ttt_step_weight": ttt_step_weight,
         "train_loss": train_output.training_loss,
@@ -545,7 +549,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
 
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--max-length", type=int, default=None, help="Longest training sequence in tokens. Default: target's context."
+        "--max-length", type=int, default=None, help="Maximum training sequence length in tokens. Default: the target's max_position_embeddings."
     )
     data.add_argument(
         "--overflow",
@@ -677,7 +681,8 @@ def run_train_draft(args: argparse.Namespace) -> int:
         training_args={"use_cpu": True} if args.use_cpu else None,
     )
     report_path = Path(output_dir) / TRAINING_REPORT_NAME
-    if report_path.is_file():
+    # Under `accelerate launch` only the main process writes the report.
+    if PartialState().is_main_process and report_path.is_file():
         report = json.loads(report_path.read_text())
         print(
             f"Saved the draft to {output_dir}: estimated acceptance length "

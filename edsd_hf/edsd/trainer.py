@@ -9,10 +9,10 @@ Alignment with inference, for a token sequence x_0..x_{L-1}:
 - position t counts for the loss when token x_{t+2} is a real token with loss mask on and the target's
   argmax at t+1 is inside the draft vocabulary ("valid"), and the curriculum has not dropped it.
 
-The loss is the soft cross-entropy of each unrolled TTT step against the same targets, step i weighted by
-`ttt_step_weight ** i`, summed over positions and divided by the number of kept positions of the whole
-optimizer step (all gradient-accumulation micro-batches, and all processes when
-`average_tokens_across_devices`), which is what the Trainer passes as `num_items_in_batch`.
+The loss is the soft cross-entropy of each unrolled TTT step against the same targets, with step i
+weighted by `ttt_step_weight ** i`. It is summed over positions and divided by the number of kept
+positions of the whole optimizer step, which the Trainer passes as `num_items_in_batch`. That count
+covers all gradient-accumulation micro-batches, and all processes when `average_tokens_across_devices`.
 """
 
 from __future__ import annotations
@@ -36,13 +36,6 @@ from .modeling_edsd import EdsdDraftModel
 
 
 logger = logging.get_logger(__name__)
-
-# Dataset columns the trainer reads. `loss_mask` is named as the label column so that
-# `remove_unused_columns=True` keeps it although the draft's forward does not take it.
-TRAINING_COLUMNS = ("input_ids", "attention_mask", "loss_mask")
-
-# Keys of the per-batch target outputs that `compute_target_batch` adds to a batch.
-TARGET_BATCH_KEYS = ("target_hidden_states", "target_probs", "target_argmax", "position_mask", "valid_mask", "kept_mask")
 
 # Draft config fields a resumed checkpoint must share with the draft being trained.
 DRAFT_FIELDS_CHECKED_ON_RESUME = (
@@ -84,14 +77,14 @@ def soft_cross_entropy(draft_logits: torch.Tensor, target_probs: torch.Tensor) -
 def chain_acceptance_lengths(step_correct: list[torch.Tensor]) -> torch.Tensor:
     """Return, per anchor position, 1 plus the number of leading draft steps whose top-1 token is correct.
 
-    `step_correct[k][b, t]` tells whether the step-k prediction at position t is correct; the draft chain
+    `step_correct[k][b, t]` is True when the step-k prediction at position t is correct. The draft chain
     anchored at position a makes its k-th proposal at position a + k. The leading 1 counts the token the
     target always contributes, as the acceptance length of speculative decoding does.
     """
     alive = torch.ones_like(step_correct[0], dtype=torch.bool)
     accepted = torch.zeros_like(step_correct[0], dtype=torch.long)
     for step, correct in enumerate(step_correct):
-        # Shift left by `step` so that column a holds the chain anchored at a.
+        # Shift left by `step` so that column a contains the chain anchored at a.
         correct_at_anchor = F.pad(correct[:, step:], (0, step), value=False)
         alive = alive & correct_at_anchor
         accepted += alive.long()
@@ -129,9 +122,9 @@ class EdsdTrainer(Trainer):
         eval_ttt_depth (`int`, *optional*): Unroll depth of evaluation, which is also the number of draft tokens
             per round assumed by the acceptance-length estimate. Defaults to the curriculum's deepest unroll.
 
-    Logged with the training loss: `drop_ratio`, `ttt_depth`, and per TTT step `ttt_loss_{i}` (unweighted
-    soft cross-entropy) and `ttt_acc_{i}` (top-1 agreement with the target). [`evaluate`] returns
-    `eval_loss`, the per-step values and `eval_acceptance_length`.
+    Logged with the training loss: `drop_ratio` and `ttt_depth` of the last logged step, and per TTT step
+    `ttt_loss_{i}` (unweighted soft cross-entropy) and `ttt_acc_{i}` (top-1 agreement with the target).
+    [`evaluate`] returns `eval_loss`, the per-step values and `eval_acceptance_length`.
     """
 
     def __init__(
@@ -156,6 +149,16 @@ class EdsdTrainer(Trainer):
             raise ValueError(f"ttt_step_weight must lie in (0, 1], got {ttt_step_weight}.")
         # Raises a ValueError naming the mismatch when the draft does not fit the target.
         model.attach_target(target)
+        config = model.config
+        identity_vocab = torch.equal(model.d2t.cpu(), torch.arange(config.draft_vocab_size))
+        if config.draft_vocab_size < config.vocab_size and identity_vocab:
+            logger.warning(
+                "The draft vocabulary is still the first %d target ids. Set the most frequent training tokens with "
+                "`draft.set_draft_vocab(build_draft_vocab(train_dataset, %d, %d))` before training.",
+                config.draft_vocab_size,
+                config.vocab_size,
+                config.draft_vocab_size,
+            )
         target.requires_grad_(False)
         target.eval()
 
@@ -179,10 +182,14 @@ class EdsdTrainer(Trainer):
         self.target = target
         self.ttt_step_weight = ttt_step_weight
         self.eval_ttt_depth = eval_ttt_depth or curriculum_callback.max_depth
+        # Naming `loss_mask` as the label column makes `remove_unused_columns=True` keep it, although the
+        # draft's forward does not take it. `input_ids` and `attention_mask` are forward arguments.
         self.label_names = ["loss_mask"]
         # `compute_loss` divides by `num_items_in_batch`, the count over the whole accumulated batch.
         self.loss_is_scaled_for_ga = True
         self._train_metric_sums = None
+        # (drop ratio, TTT depth) of the optimizer step being trained, set when its batches are fetched.
+        self._step_schedule = (curriculum_callback.drop_ratio, curriculum_callback.ttt_depth)
         curriculum_callback.run_signature = self.run_signature()
 
     @staticmethod
@@ -260,9 +267,14 @@ class EdsdTrainer(Trainer):
 
         The count is `num_items_in_batch`: the loss of every micro-batch is divided by it, so gradient
         accumulation and several processes give the gradient of one large batch.
+
+        NOTE: the target outputs of all `gradient_accumulation_steps` micro-batches are held at once,
+        including float32 probabilities of shape `[batch, length, draft_vocab_size]` per micro-batch.
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        drop_ratio = self.curriculum.drop_ratio
+        # Fixed for the whole optimizer step; the callback moves to the next step's values before logging.
+        self._step_schedule = (self.curriculum.drop_ratio, self.curriculum.ttt_depth)
+        drop_ratio = self._step_schedule[0]
         batch_samples = [self.prepare_batch(self._prepare_inputs(batch), drop_ratio) for batch in batch_samples]
         if not batch_samples:
             return batch_samples, None
@@ -302,7 +314,8 @@ class EdsdTrainer(Trainer):
         for step, logits in enumerate(step_logits):
             step_mask = loss_mask & (positions >= step)
             cross_entropy = soft_cross_entropy(logits, inputs["target_probs"])
-            step_loss = (cross_entropy * step_mask).sum()
+            # `where` rather than a product, so that a non-finite value at a masked position cannot leak in.
+            step_loss = torch.where(step_mask, cross_entropy, 0.0).sum()
             loss_sum = loss_sum + (self.ttt_step_weight**step) * step_loss
             with torch.no_grad():
                 correct = (d2t[logits.argmax(dim=-1)] == inputs["target_argmax"]) & step_mask
@@ -315,10 +328,9 @@ class EdsdTrainer(Trainer):
         The sum over kept positions is divided by `num_items_in_batch` (the kept positions of the whole
         optimizer step), or by this batch's kept positions when it is not given.
         """
+        drop_ratio, num_steps = self._step_schedule if model.training else (0.0, self.eval_ttt_depth)
         if "kept_mask" not in inputs:
-            drop_ratio = self.curriculum.drop_ratio if model.training else 0.0
             inputs = self.prepare_batch(inputs, drop_ratio)
-        num_steps = self.curriculum.ttt_depth if model.training else self.eval_ttt_depth
         step_logits = self._draft_step_logits(model, inputs, num_steps)
         loss_sum, statistics = self.unrolled_loss(step_logits, inputs, inputs["kept_mask"])
 
@@ -353,8 +365,7 @@ class EdsdTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the curriculum state and the per-TTT-step loss and accuracy to the training logs."""
         if "loss" in logs:
-            logs["drop_ratio"] = self.curriculum.drop_ratio
-            logs["ttt_depth"] = self.curriculum.ttt_depth
+            logs["drop_ratio"], logs["ttt_depth"] = self._step_schedule
             if self._train_metric_sums is not None:
                 sums = self._train_metric_sums
                 if self.args.world_size > 1:
@@ -410,6 +421,8 @@ class EdsdTrainer(Trainer):
         if was_training:
             draft.train()
 
+        # NOTE: with several processes, accelerate pads the last evaluation batch with repeated samples
+        # (`even_batches`), so a few held-out sequences may count twice in these sums.
         if self.args.world_size > 1:
             loss_totals, step_sums, acceptance_totals = (
                 self.accelerator.reduce(tensor, reduction="sum") for tensor in (loss_totals, step_sums, acceptance_totals)
@@ -452,7 +465,7 @@ class EdsdTrainer(Trainer):
             current = getattr(self.draft.config, field)
             if saved_config.get(field) != current:
                 raise ValueError(
-                    f"Cannot resume from {str(checkpoint)!r}: it holds a draft with {field}={saved_config.get(field)!r}, "
+                    f"Cannot resume from {str(checkpoint)!r}: it contains a draft with {field}={saved_config.get(field)!r}, "
                     f"this run trains {field}={current!r}. Resume from a checkpoint of this run, or start a new run."
                 )
 

@@ -46,7 +46,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser, name: str, default_sequ
     )
     parser.add_argument(f"--{name}-sequences", type=int, default=default_sequences, help="Number of token blocks.")
     parser.add_argument("--seq-len", type=int, default=256, help="Tokens per block (default: 256).")
-    parser.add_argument("--text-column", default="text", help="Column that holds the documents (default: text).")
+    parser.add_argument("--text-column", default="text", help="Column that contains the documents (default: text).")
 
 
 def _add_loading_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def _add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed-batch-size", type=int, default=1, help="Prompts per timed batch (default: 1).")
     parser.add_argument("--speed-prompt-len", type=int, default=256, help="Prompt tokens per timed prefill.")
     parser.add_argument("--new-tokens", type=int, default=32, help="Tokens generated per timed decode.")
-    parser.add_argument("--repeats", type=int, default=5, help="Timed repeats per setting; the median is reported.")
+    parser.add_argument("--repeats", type=int, default=5, help="Timed repeats per setting (default: 5). The median is reported.")
 
 
 def add_subcommands(subparsers) -> None:
@@ -84,16 +84,18 @@ def add_subcommands(subparsers) -> None:
     )
     calibrate.add_argument("--output-dir", required=True, help="Directory for the config, hooks, tokenizer and card.")
     _add_data_arguments(calibrate, "calibration", 256)
-    calibrate.add_argument("--eval-data", help="Held-out text source; evaluates the result after training.")
+    calibrate.add_argument("--eval-data", help="Held-out text source. When given, the result is evaluated after training.")
     calibrate.add_argument("--eval-sequences", type=int, default=64, help="Held-out blocks (default: 64).")
     calibrate.add_argument("--loss", default="kl", help="Loss terms joined by '+': kl, mse, ce (default: kl).")
     calibrate.add_argument("--temperature", type=float, default=1.0, help="Softmax temperature of the KL term.")
     calibrate.add_argument("--learning-rate", type=float, default=1e-3, help="Peak learning rate (default: 1e-3).")
     calibrate.add_argument("--epochs", type=float, default=1.0, help="Passes over the calibration set (default: 1).")
-    calibrate.add_argument("--max-steps", type=int, default=-1, help="Optimizer steps; overrides --epochs if > 0.")
+    calibrate.add_argument("--max-steps", type=int, default=-1, help="Optimizer steps. A value above 0 overrides --epochs.")
     calibrate.add_argument("--batch-size", type=int, default=8, help="Blocks per device per step (default: 8).")
     calibrate.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Micro-batches per step.")
-    calibrate.add_argument("--warmup-ratio", type=float, default=0.05, help="Share of steps spent warming up.")
+    calibrate.add_argument(
+        "--warmup-ratio", type=float, default=0.05, help="Share of optimizer steps spent warming up (default: 0.05)."
+    )
     calibrate.add_argument("--gradient-checkpointing", action="store_true", help="Recompute layers in backward.")
     calibrate.add_argument("--logging-steps", type=int, default=10, help="Steps between loss logs (default: 10).")
     _add_loading_arguments(calibrate)
@@ -126,6 +128,15 @@ def add_subcommands(subparsers) -> None:
     _add_loading_arguments(sensitivity)
     sensitivity.set_defaults(func=run_sensitivity)
 
+    train_target = commands.add_parser(
+        "train-target", help="Train the small Qwen3-MoE base (8 experts, top-2) on the Python stdlib source."
+    )
+    train_target.add_argument("--output-dir", required=True, help="Directory for the checkpoint and its report.")
+    train_target.add_argument("--max-minutes", type=float, help="Wall-clock budget of the training loop (default: 20).")
+    train_target.add_argument("--tokenizer-dir", help="Reuse this tokenizer (for example the dense target's).")
+    train_target.add_argument("--seed", type=int, default=0, help="Seed of initialisation and batch order.")
+    train_target.set_defaults(func=run_train_target)
+
 
 def _load_tokenizer(args, *candidates: str | None):
     """Load `--tokenizer`, or the first candidate directory or id that has a tokenizer."""
@@ -146,7 +157,7 @@ def _speed_prompts(args, dataset):
     if args.no_speed:
         return None
     if args.speed_prompt_len > args.seq_len:
-        raise SystemExit(f"--speed-prompt-len {args.speed_prompt_len} exceeds --seq-len {args.seq_len}; lower it.")
+        raise SystemExit(f"--speed-prompt-len {args.speed_prompt_len} exceeds --seq-len {args.seq_len}. Lower it or raise --seq-len.")
     if args.speed_batch_size > len(dataset):
         raise SystemExit(f"--speed-batch-size {args.speed_batch_size} exceeds the {len(dataset)} evaluation blocks.")
     return torch.tensor(dataset[: args.speed_batch_size]["input_ids"])[:, : args.speed_prompt_len]
@@ -187,7 +198,7 @@ def run_calibrate(args) -> int:
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
-        warmup_ratio=args.warmup_ratio,
+        warmup_steps=args.warmup_ratio,
         lr_scheduler_type="cosine",
         weight_decay=0.0,
         logging_steps=args.logging_steps,
@@ -236,7 +247,7 @@ def run_eval(args) -> int:
     set_seed(args.seed)
     if args.model:
         if args.top_k is not None:
-            raise SystemExit("--top-k applies to --base; a --model checkpoint carries its own schedule.")
+            raise SystemExit("--top-k applies only to --base, because a --model checkpoint carries its own schedule.")
         model = HookMoEForCausalLM.from_pretrained(args.model, base_model=args.base_model, dtype=DTYPES[args.dtype])
         tokenizer = _load_tokenizer(args, args.model, model.config.base_model_name_or_path)
     else:
@@ -283,7 +294,7 @@ def run_sensitivity(args) -> int:
     print(format_sensitivity_table(results))
     print(
         f"depth trend at k={trend['k']}: Spearman(layer, perplexity increase) = "
-        f"{trend['spearman_layer_vs_increase']:+.2f}; mean increase lower half {trend['lower_half_mean_increase']:+.2%}, "
+        f"{trend['spearman_layer_vs_increase']:+.2f}, mean increase lower half {trend['lower_half_mean_increase']:+.2%}, "
         f"upper half {trend['upper_half_mean_increase']:+.2%}"
     )
     print(f"proposed --top-k for {args.target_reduction:.0%} fewer routed experts: {format_schedule(schedule)}")
@@ -291,4 +302,19 @@ def run_sensitivity(args) -> int:
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as file:
             json.dump({**results, "depth_trend": trend, "proposed_top_k": schedule}, file, indent=2)
+    return 0
+
+
+def run_train_target(args) -> int:
+    # Imported here: the recipe pulls in the corpus and training modules, which the other commands do not need.
+    from .recipe import train_moe_target
+
+    output_dir = train_moe_target(args.output_dir, args.seed, args.max_minutes, args.tokenizer_dir)
+    with open(output_dir / "training_report.json", encoding="utf-8") as file:
+        report = json.load(file)
+    print(
+        f"Saved the MoE target to {output_dir}: {report['num_parameters']:,} parameters, "
+        f"{report['training']['steps']} steps in {report['training']['wall_seconds']} s, held-out perplexity "
+        f"{report['heldout']['perplexity']}."
+    )
     return 0

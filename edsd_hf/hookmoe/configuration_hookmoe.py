@@ -19,10 +19,10 @@ _RULE_CLAUSE = re.compile(r"^\s*(?P<selector>.*?)\s*k\s*=\s*(?P<k>-?\d+)\s*$", r
 
 
 def moe_layer_indices(base_config: PreTrainedConfig) -> list[int]:
-    """List the decoder layers of `base_config` that hold a routed MoE block.
+    """List the decoder layers of `base_config` that contain a routed MoE block.
 
     Qwen2-MoE and Qwen3-MoE can replace some MoE blocks with dense MLPs (`mlp_only_layers` and
-    `decoder_sparse_step`); Mixtral and OLMoE route in every layer.
+    `decoder_sparse_step`). Mixtral and OLMoE route in every layer.
     """
     num_layers = base_config.num_hidden_layers
     num_experts = getattr(base_config, "num_experts", None) or 0
@@ -64,7 +64,7 @@ def _select_layers(selector: str, num_layers: int, rule: str) -> list[int]:
             return list(range(first, last + 1))
     raise ValueError(
         f"Invalid top_k rule {rule!r}: unknown layer selector '{selector}'. Use 'all', 'upper half', "
-        "'lower half', 'upper N', 'lower N', 'layer I' or 'layers I-J', each followed by 'k=<int>'; "
+        "'lower half', 'upper N', 'lower N', 'layer I' or 'layers I-J', each followed by 'k=<int>', and "
         "separate clauses with ';'."
     )
 
@@ -81,7 +81,7 @@ def resolve_top_k_schedule(
     `top_k` is one of:
       * `None`: keep the base's `original_top_k` everywhere;
       * an int: that k in every MoE layer;
-      * a list with one entry per decoder layer; `None` entries keep the original k;
+      * a list with one entry per decoder layer, where `None` keeps the original k;
       * a rule string of `;`-separated clauses `<selector> k=<int>`, for example
         `"upper half k=1"` or `"lower half k=2; upper half k=1"`. Selectors: `all` (or none),
         `upper half`, `lower half`, `upper N`, `lower N`, `layer I`, `layers I-J` (inclusive). Later
@@ -228,7 +228,7 @@ class HookMoEConfig(PreTrainedConfig):
         if base_type not in SUPPORTED_BASE_MODEL_TYPES:
             logger.warning(
                 f"Base model_type {base_type!r} has not been tested with HookMoE (tested: "
-                f"{', '.join(SUPPORTED_BASE_MODEL_TYPES)}); its routers must expose `top_k` as `layer.mlp.gate.top_k`."
+                f"{', '.join(SUPPORTED_BASE_MODEL_TYPES)}). Its routers must expose `top_k` as `layer.mlp.gate.top_k`."
             )
         if not 1 <= self.original_top_k <= self.num_experts:
             raise ValueError(
@@ -277,7 +277,7 @@ class HookMoEConfig(PreTrainedConfig):
 
     @property
     def moe_layers(self) -> list[int]:
-        """0-based indices of the base's decoder layers that hold a router."""
+        """0-based indices of the base's decoder layers that contain a router."""
         return moe_layer_indices(self.text_config)
 
     @property

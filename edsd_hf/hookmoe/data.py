@@ -50,14 +50,14 @@ def load_text_dataset(source: str | Sequence[str] | datasets.Dataset, text_colum
                 f"Unsupported data file {source!r}: expected one of {sorted(_FILE_BUILDERS)}, a directory written by "
                 "Dataset.save_to_disk, 'stdlib:train' or 'stdlib:heldout'."
             )
-        # The `text` builder yields one row per line; keep whole files as documents instead.
+        # The `text` builder yields one row per line by default, so ask for one row per file.
         builder_kwargs = {"sample_by": "document"} if _FILE_BUILDERS[extension] == "text" else {}
         dataset = datasets.load_dataset(_FILE_BUILDERS[extension], data_files=source, split="train", **builder_kwargs)
     else:
         dataset = datasets.load_dataset(source, split="train")
 
     if isinstance(dataset, datasets.DatasetDict):
-        raise ValueError(f"{source!r} holds several splits ({list(dataset)}); save or pass a single split.")
+        raise ValueError(f"{source!r} contains several splits ({list(dataset)}). Save or pass a single split.")
     if text_column not in dataset.column_names:
         raise ValueError(
             f"The dataset from {source!r} has no column {text_column!r} (columns: {dataset.column_names}). "
@@ -78,7 +78,7 @@ def build_calibration_dataset(
 
     Documents are shuffled with `seed`, joined with the tokenizer's EOS token (when it has one) and cut into
     blocks, so every block is full and needs no padding. Returns a `datasets.Dataset` with `input_ids`,
-    `attention_mask` and `labels` (a copy of `input_ids`; the model shifts them). Fewer blocks are returned, with
+    `attention_mask` and `labels` (a copy of `input_ids`, which the model shifts). Fewer blocks are returned, with
     a warning, when the source is too short.
     """
     if num_sequences < 1:
@@ -93,7 +93,7 @@ def build_calibration_dataset(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
     for start in range(0, len(order), _TOKENIZE_BATCH):
-        texts = dataset.select(order[start : start + _TOKENIZE_BATCH])[text_column]
+        texts = list(dataset.select(order[start : start + _TOKENIZE_BATCH])[text_column])
         for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
             stream.extend(eos + ids)
         if len(stream) >= needed:

@@ -48,7 +48,7 @@ def evaluate_language_modeling(
 ) -> dict[str, float]:
     """Compute next-token loss, perplexity and top-1 accuracy on causal-LM blocks.
 
-    `dataset` rows hold `input_ids` and optionally `labels` (-100 marks ignored targets). Position t is scored
+    `dataset` rows contain `input_ids` and optionally `labels` (-100 marks ignored targets). Position t is scored
     on label t+1, as in the causal-LM loss. Returns `loss` (mean negative log-likelihood in nats per token),
     `perplexity` (`exp(loss)`), `accuracy` and `num_tokens`.
     """
@@ -183,7 +183,7 @@ def evaluate_hookmoe(
     reduced = results["settings"]["reduced_k"]["perplexity"]
     if "reduced_k_hooks" in results["settings"]:
         hooked = results["settings"]["reduced_k_hooks"]["perplexity"]
-        # With no gap there is nothing to close; report None rather than dividing by zero.
+        # With no gap there is nothing to close, so report None rather than divide by zero.
         results["gap_closed"] = (reduced - hooked) / (reduced - full) if reduced != full else None
 
     original_k = model.config.original_top_k

@@ -20,12 +20,12 @@ def render_model_card(
 ) -> str:
     """Fill the model-card template with the model's config, a calibration summary and evaluation results.
 
-    `evaluation` is the dict returned by `evaluate_hookmoe`; it is rendered as a plain-text table. Placeholders
+    `evaluation` is the dict returned by `evaluate_hookmoe`, rendered as a plain-text table. Placeholders
     the template uses but this function does not fill are left as they are.
     """
     template_path = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE
     if not template_path.is_file():
-        # NOTE: the default template ships in the source tree, not in the wheel; pass template_path otherwise.
+        # NOTE: the default template ships in the source tree but not in the wheel, so installed copies need template_path.
         raise FileNotFoundError(
             f"Model card template not found: {template_path}. Pass template_path, or run from a source checkout."
         )
@@ -52,7 +52,7 @@ def render_model_card(
 
 
 def write_model_card(output_dir: str | Path, model: HookMoEForCausalLM, **kwargs) -> Path:
-    """Render the model card and write it to `output_dir/README.md`; `kwargs` go to `render_model_card`."""
+    """Render the model card into `output_dir/README.md`, passing `kwargs` to `render_model_card`."""
     output_dir = Path(output_dir)
     kwargs.setdefault("model_id", str(output_dir))
     path = output_dir / "README.md"

@@ -1,8 +1,8 @@
 """HookMoE: run an MoE causal LM with fewer experts per token and compensate with trainable hooks.
 
-The base model is kept as it is: its routers get a new `top_k` (the expert kernels of transformers 5 read k
-from the shape of the routing indices, so k can change per layer at run time), and each hook is applied to the
-input of its decoder layer through a forward pre-hook. Decoder layers are called positionally in a loop over
+The base model keeps its modules. Its routers get a new `top_k`, which works per layer at run time because the
+expert kernels of transformers 5.25 read k from the shape of the routing indices. Each hook is applied to the
+input of its decoder layer through a forward pre-hook: decoder layers are called positionally in a loop over
 `model.layers` and KV-cache slots are keyed by `self_attn.layer_idx`, so nothing is inserted into `layers`.
 """
 
@@ -26,7 +26,7 @@ from .configuration_hookmoe import HookMoEConfig
 
 logger = logging.get_logger(__name__)
 
-# Keyword arguments of `from_pretrained` that locate files on the Hub. They apply to the HookMoE checkpoint; all
+# Keyword arguments of `from_pretrained` that locate files on the Hub. They apply to the HookMoE checkpoint, and all
 # but `revision` and `subfolder` (which name a place in the HookMoE repository) also apply to the base.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token", "revision", "subfolder")
 _BASE_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
@@ -63,9 +63,11 @@ class HookMoEHook(nn.Module):
                 nn.init.ones_(self.norm.weight)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hook_input = hidden_states.to(self.down_proj.weight.dtype)
+        # With a `device_map`, accelerate moves a layer's inputs inside its forward, after this pre-hook has run.
+        weight = self.down_proj.weight
+        hook_input = hidden_states.to(device=weight.device, dtype=weight.dtype)
         delta = self.up_proj(self.act_fn(self.down_proj(self.norm(hook_input))))
-        return hidden_states + delta.to(hidden_states.dtype)
+        return hidden_states + delta.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
 
 def find_routers(base_model: PreTrainedModel) -> dict[int, nn.Module]:
@@ -83,7 +85,7 @@ def decoder_layers(base_model: PreTrainedModel) -> nn.ModuleList:
     layers = getattr(base_model.get_decoder(), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(
-            f"{type(base_model).__name__} has no decoder layer list at `get_decoder().layers`; HookMoE supports "
+            f"{type(base_model).__name__} has no decoder layer list at `get_decoder().layers`. HookMoE supports "
             "decoder-only causal LMs laid out like Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE."
         )
     return layers
@@ -99,7 +101,7 @@ def load_balancing_loss_per_layer(
 
     The loss is `num_experts * sum_e f_e * P_e`, where `f_e` is the fraction of (token, slot) assignments that go
     to expert `e` and `P_e` is its mean router probability, both averaged over all MoE layers and tokens. The
-    transformers MoE models compute the same loss with the config's global k; this variant counts each layer's
+    transformers MoE models compute this loss with the config's global k, but this variant counts each layer's
     assignments with the k that layer actually routes with. `router_logits` and `top_k_per_router` list the MoE
     layers in forward order. Padding positions are left out when `attention_mask` covers the same tokens as the
     router logits (it does not during cached decoding, where the mask also covers past tokens).
@@ -273,7 +275,7 @@ class HookMoEForCausalLM(HookMoEPreTrainedModel, GenerationMixin):
             "norm_topk_prob": norm_topk_prob,
         }
         if isinstance(base_model, HookMoEForCausalLM):
-            raise TypeError("base_model is already a HookMoEForCausalLM; pass its `.model` or the original base.")
+            raise TypeError("base_model is already a HookMoEForCausalLM. Pass its `.model` or the original base.")
         if isinstance(base_model, PreTrainedModel):
             if base_kwargs:
                 raise TypeError(
@@ -326,7 +328,7 @@ class HookMoEForCausalLM(HookMoEPreTrainedModel, GenerationMixin):
             config: A `HookMoEConfig` to use instead of the saved one.
             base_model: The base to load onto (name, path or loaded model). Defaults to
                 `config.base_model_name_or_path`.
-            kwargs: Hub options (`cache_dir`, `token`, `revision`, ...) locate the HookMoE files; all other options
+            kwargs: Hub options (`cache_dir`, `token`, `revision`, ...) locate the HookMoE files. All other options
                 (`dtype`, `device_map`, `attn_implementation`, ...) are passed to the base's `from_pretrained`.
         """
         if model_args:
@@ -375,7 +377,7 @@ class HookMoEForCausalLM(HookMoEPreTrainedModel, GenerationMixin):
     ) -> None:
         """Write the HookMoE config, the base's generation config and the hook weights (not the base weights).
 
-        `state_dict` may be a full state dict of this model, as the Trainer passes it; only the `hooks.` entries
+        `state_dict` may be a full state dict of this model, as the Trainer passes it. Only the `hooks.` entries
         are written. Other keyword arguments of `PreTrainedModel.save_pretrained` are accepted and ignored, because
         the hook weights fit in one small safetensors file.
         """

@@ -22,7 +22,7 @@ def layer_sensitivity(
 
     Every other layer keeps the original k and hooks are bypassed. `reduced_ks` defaults to every k from 1 to
     the original k minus 1. Returns `{"original_top_k", "baseline": metrics, "layers": [...]}` where each layer
-    entry holds `layer`, `k`, `loss`, `perplexity`, `accuracy` and `perplexity_increase` (relative to the
+    entry contains `layer`, `k`, `loss`, `perplexity`, `accuracy` and `perplexity_increase` (relative to the
     baseline).
     """
     original_k = model.config.original_top_k

@@ -65,9 +65,16 @@ class HookMoETrainer(Trainer):
             raise ValueError(f"temperature must be positive, got {temperature}.")
         self.loss_weights = parse_loss_weights(loss)
         self.temperature = temperature
+        # Sums of each loss term since the last log, and the optimizer step of that log.
         self._loss_sums: dict[str, float] = {}
-        self._loss_steps = 0.0
+        self._loss_log_step = 0
         super().__init__(model=model, args=args, **kwargs)
+        if self.args.n_gpu > 1:
+            # The hooks are bound to this model object, which the replicas of nn.DataParallel would share.
+            raise ValueError(
+                f"HookMoETrainer does not support nn.DataParallel (n_gpu={self.args.n_gpu}). Launch one process per "
+                "GPU with torchrun, or make one GPU visible with CUDA_VISIBLE_DEVICES."
+            )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         hookmoe: HookMoEForCausalLM = self.accelerator.unwrap_model(model)
@@ -118,12 +125,10 @@ class HookMoETrainer(Trainer):
         if model.training:
             # Record each term as it enters the logged loss: `training_step` divides by the accumulation steps
             # unless the terms were already normalised by `num_items_in_batch`.
-            accumulation_steps = self.args.gradient_accumulation_steps
             scaled_for_accumulation = num_items_in_batch is not None and self.model_accepts_loss_kwargs
+            divisor = 1 if scaled_for_accumulation else self.current_gradient_accumulation_steps
             for name, value in terms.items():
-                contribution = value.detach().item() * (1 if scaled_for_accumulation else 1 / accumulation_steps)
-                self._loss_sums[name] = self._loss_sums.get(name, 0.0) + contribution
-            self._loss_steps += 1 / accumulation_steps
+                self._loss_sums[name] = self._loss_sums.get(name, 0.0) + value.detach().item() / divisor
         return (loss, outputs) if return_outputs else loss
 
     def _kl_term(self, student_logits, teacher_logits, counted) -> torch.Tensor:
@@ -143,11 +148,12 @@ class HookMoETrainer(Trainer):
         return total / max(len(teacher_hidden), 1)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._loss_steps > 0 and "loss" in logs:
+        steps = self.state.global_step - self._loss_log_step
+        if self._loss_sums and steps > 0 and "loss" in logs:
             for name, value in self._loss_sums.items():
-                logs[f"{name}_loss"] = round(value / self._loss_steps, 6)
+                logs[f"{name}_loss"] = round(value / steps, 6)
             self._loss_sums = {}
-            self._loss_steps = 0.0
+            self._loss_log_step = self.state.global_step
         super().log(logs, start_time)
 
 
