@@ -12,9 +12,11 @@ from transformers.utils import logging
 
 # Modules that contribute sub-commands, in the order `--help` lists them.
 SUBCOMMAND_MODULES = [
+    "edsd_hf.demo",
     "edsd_hf.edsd.train_cli",
     "edsd_hf.recipes.cli",
     "edsd_hf.hookmoe.cli",
+    "edsd_hf.bench_cli",
 ]
 
 

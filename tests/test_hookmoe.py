@@ -90,7 +90,7 @@ SAMPLE_TEXTS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def single_thread():
-    """Run these tiny models on one thread: thread start-up costs more than it saves at this size."""
+    """Run these tiny models on one thread, because thread start-up costs more than it saves at this size."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -217,7 +217,7 @@ def test_generate_matches_uncached_greedy(base_dirs, family):
     prompt = random_ids(batch=1, length=5)
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
 
-    # Greedy decoding by full forwards without a cache: equal tokens show that the hooks and the
+    # Greedy decoding by full forwards without a cache. Equal tokens show that the hooks and the
     # reduced routers leave KV-cache indexing intact.
     expected = prompt
     for _ in range(6):

@@ -22,6 +22,8 @@ from edsd_hf.recipes.target import (
     COMPLETE_MARKER_FILE,
     REPORT_FILE,
     TARGET_SIZES,
+    evaluate_checkpoint,
+    is_complete_checkpoint,
     learning_rate_at,
     load_or_train_target,
     read_report,
@@ -252,12 +254,28 @@ def test_load_or_train_reuses_finished_run(tiny_runs):
     assert (reused / REPORT_FILE).is_file()
 
 
+def test_evaluate_checkpoint_on_heldout(tiny_runs, single_thread):
+    metrics = evaluate_checkpoint(tiny_runs["cached"], max_heldout_tokens=2048, batch_size=8)
+    block_size = TARGET_SIZES["tiny"].block_size
+    assert metrics["tokens"] == (2048 // block_size) * (block_size - 1)
+    assert 0 < metrics["loss_nats_per_token"] < 10
+    assert metrics["entropy_nats"]["p25"] <= metrics["entropy_nats"]["median"]
+
+
 def test_draft_lm_shares_tokenizer(tiny_runs, tmp_path, single_thread):
     # A tiny-shaped run that reuses the cached target's tokenizer, as draft-lm does with a real target.
     draft_dir = train_target("tiny", tmp_path / "draft", tokenizer_dir=tiny_runs["cached"])
     target_tokenizer = AutoTokenizer.from_pretrained(tiny_runs["cached"])
     draft_tokenizer = AutoTokenizer.from_pretrained(draft_dir)
     assert draft_tokenizer.get_vocab() == target_tokenizer.get_vocab()
+
+
+def test_load_or_train_rejects_other_vocabulary(tiny_runs, tokenizer_dir, tmp_path):
+    # The 400-entry test tokenizer differs from the 512-entry vocabulary the tiny run was trained with.
+    assert is_complete_checkpoint(tiny_runs["cached"], TARGET_SIZES["tiny"], seed=0, tokenizer_dir=tiny_runs["cached"])
+    assert not is_complete_checkpoint(tiny_runs["cached"], TARGET_SIZES["tiny"], seed=0, tokenizer_dir=tokenizer_dir)
+    assert not is_complete_checkpoint(tiny_runs["cached"], TARGET_SIZES["tiny"], seed=1)
+    assert not is_complete_checkpoint(tmp_path, TARGET_SIZES["tiny"], seed=0)
 
 
 def test_cli_parses_train_target_options():

@@ -314,7 +314,7 @@ class EdsdTrainer(Trainer):
         for step, logits in enumerate(step_logits):
             step_mask = loss_mask & (positions >= step)
             cross_entropy = soft_cross_entropy(logits, inputs["target_probs"])
-            # `where` rather than a product, so that a non-finite value at a masked position cannot leak in.
+            # `where` rather than a product, so that a non-finite value at a masked position stays out of the sum.
             step_loss = torch.where(step_mask, cross_entropy, 0.0).sum()
             loss_sum = loss_sum + (self.ttt_step_weight**step) * step_loss
             with torch.no_grad():
@@ -382,8 +382,9 @@ class EdsdTrainer(Trainer):
         Returns `{prefix}_loss`, per-step `{prefix}_ttt_loss_{i}` and `{prefix}_ttt_acc_{i}`, and
         `{prefix}_acceptance_length`: the mean, over held-out positions, of 1 plus the number of leading
         draft tokens whose top-1 equals the target's top-1 in a chain of `eval_ttt_depth` draft tokens.
-        The chain reads the data's tokens, not its own proposals, so the estimate is exact for data the
-        target generated greedily (see `regenerate_*` in `edsd_hf.edsd.data`) and an estimate otherwise.
+        This is an estimate: the chain reads the data's tokens instead of its own proposals, and a chain
+        starts at every position, while `generate()` starts one only after each verification. Data the
+        target generated itself (see `regenerate_*` in `edsd_hf.edsd.data`) keeps the two closest.
         """
         dataloader = self.get_eval_dataloader(eval_dataset)
         draft = self.draft

@@ -81,7 +81,8 @@ TARGET_SIZES: dict[str, TargetSize] = {
     "tiny": TargetSize(
         name="tiny",
         hidden_size=64,
-        num_hidden_layers=2,
+        # Three layers: the fewest that the EAGLE-3-style baseline draft (three target layers) can read.
+        num_hidden_layers=3,
         num_attention_heads=2,
         intermediate_size=176,
         max_steps=40,
@@ -503,8 +504,8 @@ def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase,
     logger.info(f"Saved the {report['size']!r} checkpoint and {REPORT_FILE} to {output_dir}.")
 
 
-def is_complete_checkpoint(output_dir: Path, size: TargetSize, seed: int) -> bool:
-    """Check for a finished run of this exact size configuration and seed in `output_dir`."""
+def is_complete_checkpoint(output_dir: Path, size: TargetSize, seed: int, tokenizer_dir: str | Path | None = None) -> bool:
+    """Check for a finished run in `output_dir` with this size configuration, seed and, if given, tokenizer vocabulary."""
     marker_path = output_dir / COMPLETE_MARKER_FILE
     if not marker_path.is_file():
         return False
@@ -512,6 +513,12 @@ def is_complete_checkpoint(output_dir: Path, size: TargetSize, seed: int) -> boo
     if marker.get("seed") != seed or marker.get("size_config") != asdict(size):
         logger.warning(f"The checkpoint in {output_dir} was trained with another seed or size configuration, so it is retrained.")
         return False
+    if tokenizer_dir is not None:
+        # A draft LM cached before its target was retrained would otherwise keep the old vocabulary.
+        cached_vocab = AutoTokenizer.from_pretrained(output_dir).get_vocab()
+        if cached_vocab != AutoTokenizer.from_pretrained(tokenizer_dir).get_vocab():
+            logger.warning(f"The checkpoint in {output_dir} uses another vocabulary than {tokenizer_dir}, so it is retrained.")
+            return False
     return True
 
 
@@ -524,11 +531,12 @@ def load_or_train_target(
 ) -> Path:
     """Return the checkpoint directory `cache_dir/<size>-seed<seed>`, training it first unless a finished run is there.
 
-    A run counts as finished when its marker file records the same size configuration and seed.
+    A run counts as finished when its marker file records the same size configuration and seed, and,
+    when `tokenizer_dir` is given, when its tokenizer has the same vocabulary.
     """
     size = get_size(size)
     output_dir = Path(cache_dir) / f"{size.name}-seed{seed}"
-    if is_complete_checkpoint(output_dir, size, seed):
+    if is_complete_checkpoint(output_dir, size, seed, tokenizer_dir):
         logger.info(f"Reusing the finished {size.name!r} checkpoint in {output_dir}.")
         return output_dir
     return train_target(size, output_dir, seed=seed, max_minutes=max_minutes, tokenizer_dir=tokenizer_dir)
