@@ -70,7 +70,7 @@ def write_heldout_prompts(output_path: Path, num_prompts: int, num_lines: int) -
 
 
 def train_or_reuse_draft(output_dir: Path, settings: dict, **train_kwargs) -> Path:
-    """Train a draft unless `output_dir` holds a finished one trained with the same settings."""
+    """Train a draft unless `output_dir` contains a finished one trained with the same settings."""
     from .edsd.train_cli import train_draft
 
     marker = output_dir / FINISHED_MARKER

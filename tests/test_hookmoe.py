@@ -293,6 +293,22 @@ def test_auto_classes_registered():
     assert model.top_k_per_layer == [1, 1, 1, 1]
 
 
+def test_unload_restores_base(base_dirs):
+    base = AutoModelForCausalLM.from_pretrained(base_dirs["mixtral"])
+    input_ids = random_ids()
+    expected = logits(base, input_ids)
+    model = HookMoEForCausalLM.from_base(base, top_k=1, hook_layers=[1])
+    randomize_hooks(model)
+    with pytest.raises(ValueError, match="already wrapped by a HookMoEForCausalLM"):
+        HookMoEForCausalLM.from_base(base, top_k=1)
+
+    unloaded = model.unload()
+    assert unloaded is base
+    assert torch.equal(logits(base, input_ids), expected)
+    rewrapped = HookMoEForCausalLM.from_base(base, top_k=1)
+    assert rewrapped.top_k_per_layer == [1, 1, 1, 1]
+
+
 def test_from_pretrained_onto_given_base(base_dirs, tmp_path):
     model = HookMoEForCausalLM.from_base(base_dirs["olmoe"], top_k=1, hook_layers=[1])
     randomize_hooks(model)

@@ -77,7 +77,7 @@ class EdsdCandidateGenerator(CandidateGenerator):
 
         self.draft = draft
         self.target_layer_ids = list(draft.config.target_layer_ids)
-        # Hidden state i + 1 is the output of decoder layer i (index 0 holds the embeddings).
+        # Hidden state i + 1 is the output of decoder layer i (index 0 is the embedding output).
         self.model_kwargs_overrides = {"output_hidden_states": [i + 1 for i in self.target_layer_ids]}
 
         drafting = self._resolve_drafting_settings(draft.generation_config, generation_config)
@@ -87,9 +87,18 @@ class EdsdCandidateGenerator(CandidateGenerator):
 
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        # Draft logits are needed for speculative sampling (q), for processors that change the greedy
+        # choice, and for ensemble verification.
+        self.returns_logits = (
+            self.do_sample
+            or len(self.logits_processor) > 0
+            or getattr(generation_config, "assistant_ensemble_weight", None) is not None
+        )
         self.max_length = min(generation_config.max_length, max_positions)
         eos = generation_config.eos_token_id
-        self.eos_token_ids = set() if eos is None else set(eos if isinstance(eos, list) else [eos])
+        if eos is None:
+            eos = []
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos])
         self.stop_criteria = None
         if generation_config.stop_strings is not None and tokenizer is not None:
             self.stop_criteria = StopStringCriteria(tokenizer, generation_config.stop_strings)
@@ -163,7 +172,7 @@ class EdsdCandidateGenerator(CandidateGenerator):
 
         hidden_states, logits = self._read_target_features(input_ids, model_outputs.hidden_states)
         candidate_ids, candidate_logits = self._draft_chain(input_ids, hidden_states, logits, max_new_tokens)
-        if candidate_logits is None:
+        if candidate_ids.shape[1] == current_length:
             return input_ids, None
 
         self.stats.num_rounds += 1
@@ -207,18 +216,36 @@ class EdsdCandidateGenerator(CandidateGenerator):
         self.num_target_fed_positions = current_length - 1
         return output.last_hidden_state[:, -1:], output.logits[:, -1]
 
+    def _select_token(self, candidate_ids, draft_logits):
+        """Pick the next draft token; return it, its processed target-vocabulary logits and its probability.
+
+        Greedy drafting without logits processors takes the argmax in the draft vocabulary and
+        returns no logits, because the loop then compares tokens only and the scatter into the
+        target vocabulary would be wasted work.
+        """
+        if not self.returns_logits:
+            draft_token = draft_logits.argmax(dim=-1, keepdim=True)
+            token = self.draft.d2t[draft_token].to(candidate_ids.device)
+            confidence = 1.0
+            if self.assistant_confidence_threshold > 0:
+                confidence = float(torch.softmax(draft_logits.float(), dim=-1).gather(-1, draft_token))
+            return token, None, confidence
+
+        logits = self.draft.map_logits_to_target_vocab(draft_logits.float()).to(candidate_ids.device)
+        if len(self.logits_processor) > 0:
+            logits = self.logits_processor(candidate_ids, logits)
+        probs = torch.softmax(logits, dim=-1)
+        if self.do_sample:
+            token = torch.multinomial(probs, num_samples=1)
+        else:
+            token = logits.argmax(dim=-1, keepdim=True)
+        return token, logits, float(probs.gather(-1, token))
+
     def _draft_chain(self, input_ids, hidden_state, draft_logits, max_new_tokens):
         candidate_ids = input_ids
         candidate_logits = []
         for step in range(max_new_tokens):
-            logits = self.draft.map_logits_to_target_vocab(draft_logits.float()).to(input_ids.device)
-            if len(self.logits_processor) > 0:
-                logits = self.logits_processor(candidate_ids, logits)
-            probs = torch.softmax(logits, dim=-1)
-            if self.do_sample:
-                token = torch.multinomial(probs, num_samples=1)
-            else:
-                token = logits.argmax(dim=-1, keepdim=True)
+            token, logits, confidence = self._select_token(candidate_ids, draft_logits)
             extended_ids = torch.cat([candidate_ids, token], dim=-1)
 
             # A draft token that completes a stop string is left for the target to produce, so that
@@ -231,7 +258,6 @@ class EdsdCandidateGenerator(CandidateGenerator):
 
             is_last = step == max_new_tokens - 1
             is_eos = int(token) in self.eos_token_ids
-            confidence = float(probs.gather(-1, token))
             if is_last or is_eos or confidence < self.assistant_confidence_threshold:
                 break
 
@@ -244,6 +270,6 @@ class EdsdCandidateGenerator(CandidateGenerator):
             )
             hidden_state, draft_logits = output.last_hidden_state, output.logits[:, -1]
 
-        if not candidate_logits:
-            return input_ids, None
+        if not candidate_logits or not self.returns_logits:
+            return candidate_ids, None
         return candidate_ids, torch.stack(candidate_logits, dim=1)

@@ -1,6 +1,6 @@
 """Route `generate(assistant_model=<EDSD draft>)` to the EDSD candidate generator.
 
-transformers has no public argument for a custom candidate generator: assisted decoding asks the
+transformers has no public argument for a custom candidate generator: assisted decoding calls the
 private `GenerationMixin._get_candidate_generator` for one. This module wraps that method once,
 at `import edsd_hf`. The wrapper returns an `EdsdCandidateGenerator` when the assistant is an
 `EdsdDraftModel` and calls the original method for every other assistant, so stock assisted
@@ -55,8 +55,8 @@ def install_generation_integration() -> bool:
     """Wrap `_get_candidate_generator` so EDSD drafts get their generator. Safe to call repeatedly.
 
     Returns whether the wrapper is installed. Outside the tested transformers range it is installed
-    with a warning when the private contract still looks intact, and skipped otherwise; an EDSD
-    draft then raises from `generate()` instead of drafting wrongly.
+    with a warning when the private contract still looks intact. Otherwise it is skipped, and an
+    EDSD draft then raises from `generate()` instead of drafting wrongly.
     """
     original = getattr(GenerationMixin, "_get_candidate_generator", None)
     if original is not None and getattr(original, _PATCH_MARKER, False):

@@ -249,7 +249,7 @@ class EdsdDraftModel(EdsdPreTrainedModel):
     Layout: feature projection (`fc`, k*H -> H) of the concatenated target layers, fusion with the
     token embedding (EDFuse or the EAGLE-3 concatenation), `num_hidden_layers` decoder layers, final
     norm and an LM head over the draft vocabulary. `d2t[i]` is the target token id of draft token
-    i and `t2d[v]` tells whether target token v is in the draft vocabulary.
+    i, and `t2d[v]` is True when target token v is in the draft vocabulary.
 
     Token embeddings are not stored in the checkpoint: the draft uses the target's own embedding
     table, attached with [`attach_target`] (generation and the trainer attach it for you). This keeps

@@ -164,9 +164,9 @@ class HookMoEPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module):
-        # Hooks initialise themselves in `HookMoEHook.reset_parameters`, because transformers skips this method
-        # for container modules of models defined outside transformers. The base is attached after `post_init`,
-        # so its weights are never touched here.
+        # Hooks initialise themselves in `HookMoEHook.reset_parameters`, because for models defined outside
+        # transformers this method is skipped on modules without parameters of their own (such as a hook).
+        # The base is attached after `post_init`, so its weights are never touched here.
         pass
 
 
@@ -210,6 +210,12 @@ class HookMoEForCausalLM(HookMoEPreTrainedModel, GenerationMixin):
 
         if base_model is None:
             base_model = AutoModelForCausalLM.from_config(copy.deepcopy(base_config))
+        if getattr(base_model, "_hookmoe_attached", False):
+            # A second wrapper would stack its pre-hooks on the first one's and fight over the routers' top-k.
+            raise ValueError(
+                "This base model is already wrapped by a HookMoEForCausalLM. Call `unload()` on that wrapper first, "
+                "or load a fresh copy of the base."
+            )
         _check_base_config_matches(base_config, base_model.config, "config", base_model.name_or_path)
         self.model = base_model
         self.generation_config = base_model.generation_config
@@ -239,6 +245,20 @@ class HookMoEForCausalLM(HookMoEPreTrainedModel, GenerationMixin):
             for i in config.hook_layers
         ]
         self._set_routing(config.top_k_per_layer, config.norm_topk_prob)
+        base_model._hookmoe_attached = True
+
+    def unload(self) -> PreTrainedModel:
+        """Detach the hooks, restore the original top-k and return the base, which is unmodified afterwards.
+
+        The base stays frozen (`requires_grad=False`). This wrapper must not be used after `unload()`.
+        """
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+        for i, (k, norm_topk_prob) in self._original_routing.items():
+            self._set_routing_for_layer(i, k, norm_topk_prob)
+        self.model._hookmoe_attached = False
+        return self.model
 
     # ------------------------------------------------------------------ construction and persistence
 
