@@ -3,7 +3,8 @@
 Stages, each cached under `--cache-dir` and reused on the next run:
 1. the target (Llama trained from scratch on stdlib source) and a small standalone draft LM with
    the same tokenizer, for HF's stock assisted generation;
-2. draft training data: chunks of training-split source files, as JSONL `text` rows;
+2. draft training data: chunks of training-split source files, as JSONL `text` rows, continued
+   by the target itself (`--regenerate`, on by default);
 3. two drafts trained with the same budget: EDSD (EDFuse + entropy curriculum) and the
    EAGLE-3-style baseline (concatenation, no curriculum);
 4. prompts: the first lines of held-out stdlib files, which no model saw in training;
@@ -48,6 +49,30 @@ def write_training_texts(output_path: Path, max_rows: int, lines_per_chunk: int,
     return output_path
 
 
+def write_regenerated_texts(source_path: Path, output_path: Path, target_dir: Path, max_new_tokens: int) -> Path:
+    """Replace each training text by the target's greedy continuation of its first tokens, once.
+
+    Drafts trained on the target's own outputs accept more tokens. Both demo drafts read this file,
+    so the target generates the data once instead of once per draft.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .edsd.data import regenerate_text
+
+    if output_path.is_file():
+        return output_path
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    texts = [json.loads(line)["text"] for line in source_path.read_text().splitlines() if line.strip()]
+    rows = regenerate_text(texts, target, tokenizer, max_new_tokens=max_new_tokens)
+    temporary = output_path.with_suffix(".tmp")
+    temporary.write_text(
+        "".join(json.dumps({"text": tokenizer.decode(row["input_ids"], skip_special_tokens=True)}) + "\n" for row in rows)
+    )
+    temporary.rename(output_path)
+    return output_path
+
+
 def write_heldout_prompts(output_path: Path, num_prompts: int, num_lines: int) -> Path:
     """Write the first `num_lines` non-empty lines of held-out files as Spec-Bench-style `turns` rows."""
     from .recipes.corpus import collect_stdlib_files, read_source
@@ -85,7 +110,7 @@ def train_or_reuse_draft(output_dir: Path, settings: dict, **train_kwargs) -> Pa
 def run_demo(args) -> int:
     import edsd_hf  # noqa: F401  (registers the EDSD integration)
 
-    from .edsd.train_cli import CurriculumSettings, RegenerationSettings
+    from .edsd.train_cli import CurriculumSettings
     from .recipes.target import load_or_train_target
 
     cache_dir = Path(args.cache_dir)
@@ -98,6 +123,13 @@ def run_demo(args) -> int:
     data_path = write_training_texts(
         cache_dir / "data" / f"stdlib_train_{args.draft_rows}.jsonl", args.draft_rows, lines_per_chunk=30, max_files=None
     )
+    if args.regenerate:
+        data_path = write_regenerated_texts(
+            data_path,
+            cache_dir / "data" / f"{target_dir.name}_regenerated_{args.draft_rows}x{args.regenerate_tokens}.jsonl",
+            target_dir,
+            args.regenerate_tokens,
+        )
 
     print("[3/5] EDSD draft and EAGLE-3-style baseline, same budget")
     common = {
@@ -109,7 +141,6 @@ def run_demo(args) -> int:
         "learning_rate": args.draft_learning_rate,
         "warmup_steps": max(1, args.draft_steps // 20),
         "seed": args.seed,
-        "regeneration": RegenerationSettings(enabled=args.regenerate, max_new_tokens=args.regenerate_tokens),
         "measure_prompts": 8,
     }
     settings = {k: str(v) for k, v in common.items()}

@@ -16,7 +16,7 @@ def demo_cache(tmp_path_factory):
         "demo", "--cache-dir", str(cache_dir),
         "--target-size", "tiny", "--draft-lm-size", "tiny",
         "--draft-rows", "24", "--draft-steps", "2", "--draft-batch-size", "4", "--draft-vocab-size", "256",
-        "--no-regenerate", "--max-prompts", "2", "--prompt-lines", "2", "--max-new-tokens", "8", "--repeats", "1",
+        "--regenerate-tokens", "6", "--max-prompts", "2", "--prompt-lines", "2", "--max-new-tokens", "8", "--repeats", "1",
     ]
     assert main(arguments) == 0
     return cache_dir, arguments

@@ -20,13 +20,13 @@ PROMPT = torch.tensor([[3, 17, 42, 8, 25]])
 
 
 def peaky_pair():
-    """Target and draft with concentrated, different next-token distributions, so that both
+    """Target and draft with sharpened, different next-token distributions, so that both
     acceptance and rejection (residual sampling) happen often."""
     target = make_target("llama", seed=3)
     draft = make_draft(target, seed=4)
     with torch.no_grad():
-        target.lm_head.weight.mul_(25.0)
-        draft.lm_head.weight.mul_(60.0)
+        target.lm_head.weight.mul_(2.0)
+        draft.lm_head.weight.mul_(5.0)
     draft.generation_config.num_assistant_tokens = 2
     return target, draft
 
@@ -78,7 +78,7 @@ def chi_square_p_value(counts, distribution) -> float:
 
 
 SETTINGS = [
-    ({"temperature": 0.7, "top_k": 4}, [TemperatureLogitsWarper(0.7), TopKLogitsWarper(4)]),
+    ({"temperature": 0.5, "top_k": 4}, [TemperatureLogitsWarper(0.5), TopKLogitsWarper(4)]),
     ({"temperature": 1.3, "top_k": 5, "top_p": 0.8}, [TemperatureLogitsWarper(1.3), TopKLogitsWarper(5), TopPLogitsWarper(0.8)]),
 ]
 
@@ -94,20 +94,28 @@ def test_sampling_matches_target_distribution(generation_kwargs, warpers):
     assert chi_square_p_value(counts, distribution) > 1e-3
 
 
-def test_sampling_test_detects_unprocessed_draft_logits():
-    """Negative control: returning q before temperature while sampling after it must be caught."""
-    target, draft = peaky_pair()
-    generation_kwargs, warpers = {"temperature": 0.5, "top_k": 4}, [TemperatureLogitsWarper(0.5), TopKLogitsWarper(4)]
-    distribution = exact_distribution(target, LogitsProcessorList(warpers), NUM_TOKENS)
-    correct_chain = EdsdCandidateGenerator._draft_chain
+def marginal_of_first_tokens(table: dict[tuple, float], num_tokens: int) -> dict[tuple, float]:
+    marginal = {}
+    for sequence, value in table.items():
+        marginal[sequence[:num_tokens]] = marginal.get(sequence[:num_tokens], 0) + value
+    return marginal
 
-    def chain_with_unscaled_logits(self, *args):
-        candidate_ids, candidate_logits = correct_chain(self, *args)
-        if candidate_logits is not None:
-            candidate_logits = candidate_logits * generation_kwargs["temperature"]
-        return candidate_ids, candidate_logits
+
+def test_sampling_test_detects_unprocessed_draft_logits():
+    """Negative control: returning q from the unprocessed draft logits while sampling from the
+    processed ones (a known bug class) must fail the same test. The drafted token is the second
+    one, so the check runs on the first two tokens, where the bias is (total variation about 0.15)."""
+    target, draft = peaky_pair()
+    generation_kwargs, warpers = SETTINGS[0]
+    distribution = marginal_of_first_tokens(exact_distribution(target, LogitsProcessorList(warpers), NUM_TOKENS), 2)
+    correct_select = EdsdCandidateGenerator._select_token
+
+    def select_with_unprocessed_q(self, candidate_ids, draft_logits):
+        token, _, confidence = correct_select(self, candidate_ids, draft_logits)
+        unprocessed = self.draft.map_logits_to_target_vocab(draft_logits.float())
+        return token, unprocessed, confidence
 
     torch.manual_seed(1234)
-    with mock.patch.object(EdsdCandidateGenerator, "_draft_chain", chain_with_unscaled_logits):
-        counts = sample_counts(target, draft, generation_kwargs)
+    with mock.patch.object(EdsdCandidateGenerator, "_select_token", select_with_unprocessed_q):
+        counts = marginal_of_first_tokens(sample_counts(target, draft, generation_kwargs), 2)
     assert chi_square_p_value(counts, distribution) < 1e-4

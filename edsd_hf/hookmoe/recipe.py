@@ -5,19 +5,16 @@ It uses the corpus, byte-level BPE tokenizer, training loop and report of the de
 result is a normal transformers checkpoint that `AutoModelForCausalLM` loads offline.
 """
 
-import os
-import platform
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3MoeConfig, Qwen3MoeForCausalLM, set_seed
 from transformers.utils import logging
 
-from ..recipes.corpus import build_lm_blocks, collect_stdlib_files, stdlib_root, train_tokenizer
+from ..recipes.corpus import build_lm_blocks, collect_stdlib_files, train_tokenizer
 from ..recipes.target import (
     SAMPLE_PROMPTS,
     TargetSize,
+    build_run_report,
     evaluate_heldout,
     generate_samples,
     run_training,
@@ -120,32 +117,10 @@ def train_moe_target(
     heldout = evaluate_heldout(model, heldout_blocks, size.batch_size, device, autocast_dtype)
     samples = generate_samples(model, tokenizer, SAMPLE_PROMPTS, size.sample_new_tokens, device)
 
-    report = {
-        "size": size.name,
-        "seed": seed,
-        "size_config": asdict(size),
-        "architecture": {"model_type": "qwen3_moe", "num_experts": NUM_EXPERTS, "num_experts_per_tok": TOP_K},
-        "max_minutes": max_minutes,
-        "num_parameters": model.num_parameters(),
-        "device": str(device),
-        "autocast_dtype": str(autocast_dtype) if autocast_dtype else None,
-        "machine": {
-            "cpu_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "load_average_1_5_15_min": [round(load, 2) for load in os.getloadavg()],
-        },
-        "corpus": {
-            "stdlib_root": str(stdlib_root()),
-            "python_version": platform.python_version(),
-            "train_files": len(train_files),
-            "heldout_files": len(heldout_files),
-            "train_tokens": train_blocks.numel(),
-            "heldout_tokens": heldout_blocks.numel(),
-            "vocab_size": len(tokenizer),
-        },
-        "training": training,
-        "heldout": heldout,
-        "samples": samples,
-    }
+    report = build_run_report(
+        size, seed, max_minutes, model, device, autocast_dtype, tokenizer, train_files, heldout_files, train_blocks, heldout_blocks
+    )
+    report["architecture"] = {"model_type": "qwen3_moe", "num_experts": NUM_EXPERTS, "num_experts_per_tok": TOP_K}
+    report.update({"training": training, "heldout": heldout, "samples": samples})
     save_checkpoint(model, tokenizer, report, output_dir)
     return output_dir

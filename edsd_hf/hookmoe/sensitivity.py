@@ -54,9 +54,9 @@ def layer_sensitivity(
 def propose_schedule(sensitivity: dict, num_layers: int, target_reduction: float = 0.5) -> list[int | None]:
     """Propose one k per decoder layer that removes `target_reduction` of the routed experts at least cost.
 
-    Treats the per-layer losses as additive and lowers k greedily: at each step it takes the single-layer step
-    to the next measured lower k with the smallest loss increase per expert saved, until the mean k over MoE
-    layers is at most `original_k * (1 - target_reduction)`. Layers without a router get `None`. If the measured
+    Treats the per-layer losses as additive and lowers k greedily. Each step moves one layer to its next measured
+    lower k, choosing the move with the smallest loss increase per expert saved. Steps continue until the mean k
+    over MoE layers is at most `original_k * (1 - target_reduction)`. Layers without a router get `None`. If the measured
     ks cannot reach the target, the schedule with every layer at its lowest measured k is returned with a warning.
     """
     if not 0 < target_reduction < 1:

@@ -463,7 +463,29 @@ def train_target(
     heldout = evaluate_heldout(model, heldout_blocks, size.batch_size, device, autocast_dtype)
     samples = generate_samples(model, tokenizer, SAMPLE_PROMPTS, size.sample_new_tokens, device)
 
-    report = {
+    report = build_run_report(
+        size, seed, max_minutes, model, device, autocast_dtype, tokenizer, train_files, heldout_files, train_blocks, heldout_blocks
+    )
+    report.update({"training": training, "heldout": heldout, "samples": samples})
+    save_checkpoint(model, tokenizer, report, output_dir)
+    return output_dir
+
+
+def build_run_report(
+    size: TargetSize,
+    seed: int,
+    max_minutes: float | None,
+    model: torch.nn.Module,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    tokenizer: PreTrainedTokenizerBase,
+    train_files: list[Path],
+    heldout_files: list[Path],
+    train_blocks: torch.Tensor,
+    heldout_blocks: torch.Tensor,
+) -> dict:
+    """Describe a training run (recipe, model size, machine, corpus) for `training_report.json`."""
+    return {
         "size": size.name,
         "seed": seed,
         "size_config": asdict(size),
@@ -487,12 +509,7 @@ def train_target(
             "heldout_tokens": heldout_blocks.numel(),
             "vocab_size": len(tokenizer),
         },
-        "training": training,
-        "heldout": heldout,
-        "samples": samples,
     }
-    save_checkpoint(model, tokenizer, report, output_dir)
-    return output_dir
 
 
 def save_checkpoint(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, report: dict, output_dir: Path) -> None:
