@@ -58,23 +58,31 @@ def sample_counts(target, draft, generation_kwargs) -> dict[tuple, int]:
 
 
 def chi_square_p_value(counts, distribution) -> float:
-    """Pearson test of sampled sequences against the exact distribution, pooling cells expected below 5."""
-    unexpected = sum(count for pair, count in counts.items() if pair not in distribution)
+    """Pearson test of sampled sequences against the exact distribution.
+
+    Cells expected fewer than 5 times are pooled, and a pool still under 5 absorbs the smallest
+    remaining cell, so that every tested cell is expected at least 5 times.
+    """
+    unexpected = sum(count for sequence, count in counts.items() if sequence not in distribution)
     if unexpected:
         return 0.0
-    observed, expected = [], []
-    pooled_observed, pooled_expected = 0, 0.0
-    for pair, probability in distribution.items():
-        if probability * NUM_SAMPLES >= 5:
-            observed.append(counts.get(pair, 0))
-            expected.append(probability * NUM_SAMPLES)
-        else:
-            pooled_observed += counts.get(pair, 0)
-            pooled_expected += probability * NUM_SAMPLES
-    observed.append(pooled_observed)
-    expected.append(pooled_expected)
-    scale = sum(observed) / sum(expected)
-    return float(chisquare(observed, [e * scale for e in expected]).pvalue)
+    total = sum(counts.values())
+    cells = sorted(((probability * total, counts.get(sequence, 0)) for sequence, probability in distribution.items()))
+    pooled_expected, pooled_observed = 0.0, 0
+    while cells and cells[0][0] < 5:
+        expected, observed = cells.pop(0)
+        pooled_expected += expected
+        pooled_observed += observed
+    if 0 < pooled_expected < 5 and cells:
+        expected, observed = cells.pop(0)
+        pooled_expected += expected
+        pooled_observed += observed
+    if pooled_expected > 0:
+        cells.append((pooled_expected, pooled_observed))
+    expected_counts = [expected for expected, _ in cells]
+    observed_counts = [observed for _, observed in cells]
+    scale = sum(observed_counts) / sum(expected_counts)
+    return float(chisquare(observed_counts, [e * scale for e in expected_counts]).pvalue)
 
 
 SETTINGS = [
