@@ -125,7 +125,7 @@ class EdsdAttention(nn.Module):
         self,
         attention_input: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         cache: EdsdDraftCache | None = None,
     ) -> torch.Tensor:
         batch_size, query_length, _ = attention_input.shape
@@ -181,11 +181,14 @@ class EdsdDecoderLayer(nn.Module):
 
 def build_causal_attention_mask(
     query_length: int, past_length: int, padding_mask: torch.Tensor | None, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    """Boolean mask `[batch, 1, query, past + query]`, True where a query may attend.
+) -> torch.Tensor | None:
+    """Boolean mask `[batch, 1, query, past + query]`, True where a query may attend, or None when all may.
 
     `padding_mask` is the usual 2D mask over all `past + query` positions (1 = real token).
     """
+    if query_length == 1 and padding_mask is None:
+        # One new token without padding sees every cached key, so SDPA needs no mask.
+        return None
     key_length = past_length + query_length
     query_positions = torch.arange(past_length, key_length, device=device)[:, None]
     key_positions = torch.arange(key_length, device=device)[None, :]
