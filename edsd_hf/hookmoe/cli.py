@@ -217,20 +217,7 @@ def run_calibrate(args) -> int:
 
     evaluation = None
     if args.eval_data:
-        eval_dataset = build_calibration_dataset(
-            tokenizer, args.eval_data, args.eval_sequences, args.seq_len, args.text_column, args.seed
-        )
-        evaluation = evaluate_hookmoe(
-            model,
-            eval_dataset,
-            batch_size=args.batch_size,
-            speed_prompts=_speed_prompts(args, eval_dataset),
-            new_tokens=args.new_tokens,
-            repeats=args.repeats,
-        )
-        print(format_report(evaluation))
-        with open(os.path.join(args.output_dir, "eval_results.json"), "w", encoding="utf-8") as file:
-            json.dump(evaluation, file, indent=2)
+        evaluation = _evaluate_and_report(args, model, tokenizer, os.path.join(args.output_dir, "eval_results.json"))
 
     calibration = (
         f"Trained on {len(train_dataset)} blocks of {args.seq_len} tokens from `{args.calibration_data}` with loss "
@@ -258,6 +245,12 @@ def run_eval(args) -> int:
     if not args.eval_data:
         raise SystemExit("--eval-data is required: the held-out text to measure perplexity on.")
 
+    _evaluate_and_report(args, model, tokenizer, args.output_json)
+    return 0
+
+
+def _evaluate_and_report(args, model, tokenizer, output_path: str | None) -> dict:
+    """Evaluate on `--eval-data`, print the report and write it as JSON to `output_path` when given."""
     eval_dataset = build_calibration_dataset(
         tokenizer, args.eval_data, args.eval_sequences, args.seq_len, args.text_column, args.seed
     )
@@ -270,10 +263,10 @@ def run_eval(args) -> int:
         repeats=args.repeats,
     )
     print(format_report(results))
-    if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as file:
+    if output_path:
+        with open(output_path, "w", encoding="utf-8") as file:
             json.dump(results, file, indent=2)
-    return 0
+    return results
 
 
 def run_sensitivity(args) -> int:
