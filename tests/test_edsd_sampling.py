@@ -13,8 +13,8 @@ from tiny_models import make_draft, make_target
 
 
 NUM_SAMPLES = 1000
-# The target's prefill gives the first token; the draft proposes the second, which is accepted or
-# replaced by residual sampling, and the third is the target's bonus token after an acceptance.
+# The target's prefill gives the first token. The draft proposes the second, which is accepted or
+# replaced by residual sampling. The third is the target's bonus token after an acceptance.
 NUM_TOKENS = 3
 PROMPT = torch.tensor([[3, 17, 42, 8, 25]])
 

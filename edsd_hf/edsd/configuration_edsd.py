@@ -20,6 +20,17 @@ FUSION_TYPES = ("edfuse", "concat")
 NUM_TARGET_LAYERS = {"edfuse": 2, "concat": 3}
 
 
+def check_supported_target(text_config: PreTrainedConfig) -> str:
+    """Return the target's `model_type`, or raise a ValueError if EDSD drafts do not support that family."""
+    model_type = getattr(text_config, "model_type", None)
+    if model_type not in SUPPORTED_TARGET_MODEL_TYPES:
+        raise ValueError(
+            f"Target model_type {model_type!r} is not supported by EDSD drafts. Supported families: "
+            f"{', '.join(SUPPORTED_TARGET_MODEL_TYPES)}."
+        )
+    return model_type
+
+
 def default_target_layer_ids(num_target_layers: int, fusion: str = "edfuse") -> list[int]:
     """Pick the target decoder layers whose outputs feed the draft.
 
@@ -55,7 +66,7 @@ class EdsdConfig(PreTrainedConfig):
 
     Build it from the target's config with [`EdsdConfig.from_target_config`], which copies the
     attention shape, RoPE settings and `max_position_embeddings` from the target so that the draft
-    sees the same positions the target does.
+    uses the same positions as the target.
 
     Args:
         vocab_size (`int`):
@@ -183,12 +194,7 @@ class EdsdConfig(PreTrainedConfig):
         the limit is never shortened here. `overrides` set any other field.
         """
         text_config = target_config.get_text_config()
-        model_type = getattr(text_config, "model_type", None)
-        if model_type not in SUPPORTED_TARGET_MODEL_TYPES:
-            raise ValueError(
-                f"Target model_type {model_type!r} is not supported by EDSD drafts. Supported families: "
-                f"{', '.join(SUPPORTED_TARGET_MODEL_TYPES)}."
-            )
+        model_type = check_supported_target(text_config)
 
         num_layers = text_config.num_hidden_layers
         if target_layer_ids is None:

@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import ModelOutput, logging
 
 from .cache import EdsdDraftCache
-from .configuration_edsd import SUPPORTED_TARGET_MODEL_TYPES, EdsdConfig
+from .configuration_edsd import EdsdConfig, check_supported_target
 
 
 logger = logging.get_logger(__name__)
@@ -187,7 +187,7 @@ def build_causal_attention_mask(
     `padding_mask` is the usual 2D mask over all `past + query` positions (1 = real token).
     """
     if query_length == 1 and padding_mask is None:
-        # One new token without padding sees every cached key, so SDPA needs no mask.
+        # One new token without padding attends to every cached key, so SDPA needs no mask.
         return None
     key_length = past_length + query_length
     query_positions = torch.arange(past_length, key_length, device=device)[:, None]
@@ -205,7 +205,7 @@ def build_unrolled_attention_mask(
 ) -> torch.Tensor:
     """Boolean mask for unrolled step `step` over the keys of steps 0..step, `[batch, 1, T, (step + 1) * T]`.
 
-    At step i the query at position t stands for a draft that was anchored at position t - i: it sees
+    At step i the query at position t stands for a draft that was anchored at position t - i. It attends to
     the target-fed keys (step 0) up to t - i, and from each later step j only the key at t - i + j,
     the one speculative position that draft chain wrote at step j. This is exactly the context the
     draft has at inference after i drafting steps.
@@ -313,12 +313,7 @@ class EdsdDraftModel(EdsdPreTrainedModel):
     def check_target_compatibility(self, target_config) -> None:
         """Raise a ValueError naming the mismatch if this draft cannot serve a target with `target_config`."""
         text_config = target_config.get_text_config()
-        model_type = getattr(text_config, "model_type", None)
-        if model_type not in SUPPORTED_TARGET_MODEL_TYPES:
-            raise ValueError(
-                f"Target model_type {model_type!r} is not supported by EDSD drafts. Supported families: "
-                f"{', '.join(SUPPORTED_TARGET_MODEL_TYPES)}."
-            )
+        check_supported_target(text_config)
         checks = [
             ("hidden_size", text_config.hidden_size, self.config.hidden_size),
             ("vocab_size", text_config.vocab_size, self.config.vocab_size),
@@ -476,9 +471,9 @@ class EdsdDraftModel(EdsdPreTrainedModel):
         """Run the training-time-test unroll and return the draft-vocabulary logits of each step.
 
         Step 0 reads the target features at every position. Step i feeds each position the draft's
-        step i-1 output from the previous position, so the logits of step i at position t are what
-        the draft predicts for token t+2 after drafting i tokens from the verified prefix ending at
-        token t-i+1. All steps predict the same next tokens; the caller weights their losses.
+        step i-1 output from the previous position. The logits of step i at position t are therefore
+        the draft's prediction for token t+2 after drafting i tokens from the verified prefix that
+        ends at token t-i+1. All steps predict the same next tokens; the caller weights their losses.
         """
         if num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
