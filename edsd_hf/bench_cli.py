@@ -31,6 +31,9 @@ def add_subcommands(subparsers) -> None:
     parser.add_argument("--assistant", action="append", default=[], type=parse_named_path, metavar="NAME=PATH",
                         help="A standalone draft LM for HF's stock assisted generation; repeatable.")
     parser.add_argument("--prompt-lookup", action="store_true", help="Include prompt-lookup decoding.")
+    parser.add_argument("--num-assistant-tokens", type=int, nargs="+", default=None, metavar="K",
+                        help="Tokens each EDSD draft proposes per round (default: the draft's generation_config). "
+                             "Several values benchmark every EDSD draft once per value, named NAME@K.")
     parser.add_argument("--prompts", required=True,
                         help="JSONL (Spec-Bench `turns`, or `prompt`/`text`), a text file with one prompt a line, "
                              "or 'humaneval'.")
@@ -66,7 +69,14 @@ def run_bench_command(args) -> int:
         methods.append(BenchMethod("prompt-lookup", "prompt_lookup"))
     for name, path in args.edsd_draft:
         draft = AutoModel.from_pretrained(path, dtype=dtype).to(device).eval()
-        methods.append(BenchMethod(name, "edsd", draft))
+        if args.num_assistant_tokens is None:
+            methods.append(BenchMethod(name, "edsd", draft))
+            continue
+        for num_tokens in args.num_assistant_tokens:
+            if num_tokens < 1:
+                raise ValueError(f"--num-assistant-tokens values must be at least 1, got {num_tokens}.")
+            method_name = name if len(args.num_assistant_tokens) == 1 else f"{name}@{num_tokens}"
+            methods.append(BenchMethod(method_name, "edsd", draft, {"num_assistant_tokens": num_tokens}))
 
     prompts = load_prompts(args.prompts, args.max_prompts)
     results = run_benchmark(
@@ -82,6 +92,7 @@ def run_bench_command(args) -> int:
         "prompts": args.prompts,
         "num_prompts": len(prompts),
         "max_new_tokens": args.max_new_tokens,
+        "num_assistant_tokens": args.num_assistant_tokens,
         "repeats": args.repeats,
         "dtype": args.dtype,
         "machine": machine_description(),

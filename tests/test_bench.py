@@ -97,3 +97,29 @@ def load_prompts_from_texts(texts):
     from edsd_hf.bench import BenchPrompt
 
     return [BenchPrompt(str(i), "all", text) for i, text in enumerate(texts)]
+
+
+def test_bench_command_sweeps_draft_lengths(trained_llama_pair, tmp_path):
+    from edsd_hf.cli import main
+
+    target, draft = trained_llama_pair
+    target.save_pretrained(tmp_path / "target")
+    make_char_tokenizer().save_pretrained(tmp_path / "target")
+    draft.save_pretrained(tmp_path / "draft")
+    (tmp_path / "prompts.txt").write_text("abcab\nthe cat sat\n")
+    arguments = [
+        "bench", "--target", str(tmp_path / "target"), "--edsd-draft", f"edsd={tmp_path / 'draft'}",
+        "--num-assistant-tokens", "1", "4", "--prompts", str(tmp_path / "prompts.txt"),
+        "--max-new-tokens", "10", "--temperatures", "0", "--repeats", "1", "--no-chat-template",
+        "--output", str(tmp_path / "report"),
+    ]
+    assert main(arguments) == 0
+
+    report = json.loads((tmp_path / "report" / "bench.json").read_text())
+    rows = {row["method"]: row for row in report["overall"]}
+    assert set(rows) == {"plain", "edsd@1", "edsd@4"}
+    assert report["metadata"]["num_assistant_tokens"] == [1, 4]
+    # One drafted token per round caps tau at 2. Four drafted tokens let this draft go past it.
+    assert 1.0 < rows["edsd@1"]["tau"] <= 2.0
+    assert rows["edsd@4"]["tau"] > rows["edsd@1"]["tau"]
+    assert all(tuple(row["identical_to_plain"]) == (2, 2) for row in rows.values())

@@ -119,3 +119,67 @@ def test_positions_beyond_limit_raise():
     features = torch.randn(1, 9, draft.config.target_feature_size)
     with pytest.raises(ValueError, match="max_position_embeddings=8"):
         draft(input_ids=torch.randint(0, 64, (1, 9)), target_hidden_states=features)
+
+
+def test_preallocated_cache_matches_concatenating_cache():
+    torch.manual_seed(0)
+    growing, preallocated = EdsdDraftCache(1), EdsdDraftCache(1, capacity=3)
+    chunks = [torch.randn(1, 2, length, 4) for length in (2, 1, 4)]
+    for chunk in chunks:
+        expected = growing.update(chunk, -chunk, 0)
+        # Capacity 3 forces the buffer to grow on the third append.
+        actual = preallocated.update(chunk, -chunk, 0)
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+    growing.crop(4)
+    preallocated.crop(4)
+    assert preallocated.get_seq_length() == growing.get_seq_length() == 4
+    replacement = torch.randn(1, 2, 2, 4)
+    torch.testing.assert_close(preallocated.update(replacement, replacement, 0), growing.update(replacement, replacement, 0))
+    with pytest.raises(ValueError, match="capacity"):
+        EdsdDraftCache(1, capacity=0)
+
+
+@pytest.mark.parametrize("fusion", ["edfuse", "concat"])
+def test_drafting_with_preallocated_cache_matches_concatenating_cache(fusion):
+    target = make_target("llama")
+    draft = make_draft(target, fusion=fusion)
+    draft.attach_target(target)
+    tokens = torch.randint(0, 64, (1, 12))
+    features = torch.randn(1, 12, draft.config.target_feature_size)
+    results = []
+    for cache in (EdsdDraftCache(draft.config.num_hidden_layers), EdsdDraftCache(draft.config.num_hidden_layers, capacity=5)):
+        with torch.no_grad():
+            first = draft(input_ids=tokens[:, :8], target_hidden_states=features[:, :8], cache=cache)
+            cache.crop(6)
+            second = draft(input_ids=tokens[:, 6:9], target_hidden_states=features[:, 6:9], cache=cache)
+            step = draft(input_ids=tokens[:, 9:10], draft_hidden_states=second.last_hidden_state[:, -1:], cache=cache)
+        results.append((first.logits, second.logits, step.logits))
+    for expected, actual in zip(*results):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_table_matches_direct_rope():
+    target = make_target("llama", max_position_embeddings=1024)
+    draft = make_draft(target)
+    hidden = torch.zeros(1, 1, draft.config.hidden_size)
+    for positions in (torch.tensor([[3, 4, 5]]), torch.tensor([[700]]), torch.arange(1024)[None]):
+        cos, sin = draft._position_embeddings(hidden, positions)
+        expected_cos, expected_sin = draft.rotary_emb(hidden, positions)
+        torch.testing.assert_close(cos, expected_cos, rtol=0, atol=0)
+        torch.testing.assert_close(sin, expected_sin, rtol=0, atol=0)
+    assert draft._rope_table[0].shape[0] == 1024
+
+
+def test_logits_to_keep_returns_the_last_positions():
+    target = make_target("llama")
+    draft = make_draft(target)
+    draft.attach_target(target)
+    tokens = torch.randint(0, 64, (1, 7))
+    features = torch.randn(1, 7, draft.config.target_feature_size)
+    with torch.no_grad():
+        full = draft(input_ids=tokens, target_hidden_states=features).logits
+        last = draft(input_ids=tokens, target_hidden_states=features, logits_to_keep=1).logits
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        draft(input_ids=tokens, target_hidden_states=features, logits_to_keep=-1)

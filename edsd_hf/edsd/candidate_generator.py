@@ -76,6 +76,8 @@ class EdsdCandidateGenerator(CandidateGenerator):
         draft.attach_target(target)
 
         self.draft = draft
+        # Read once: `PreTrainedModel.device` walks the parameters on every access, once per drafted token here.
+        self.draft_device = draft.device
         self.target_layer_ids = list(draft.config.target_layer_ids)
         # Hidden state i + 1 is the output of decoder layer i (index 0 is the embedding output).
         self.model_kwargs_overrides = {"output_hidden_states": [i + 1 for i in self.target_layer_ids]}
@@ -103,7 +105,8 @@ class EdsdCandidateGenerator(CandidateGenerator):
         if generation_config.stop_strings is not None and tokenizer is not None:
             self.stop_criteria = StopStringCriteria(tokenizer, generation_config.stop_strings)
 
-        self.cache = EdsdDraftCache(draft.config.num_hidden_layers)
+        # Preallocated for the whole generation: appending in place avoids copying the cache per token.
+        self.cache = EdsdDraftCache(draft.config.num_hidden_layers, capacity=self.max_length)
         # Draft cache positions computed from target features; later entries are speculative.
         self.num_target_fed_positions = 0
         self.stats = SpeculationStats()
@@ -202,9 +205,9 @@ class EdsdCandidateGenerator(CandidateGenerator):
         num_new = current_length - 1 - self.num_target_fed_positions
         features = torch.cat(
             [target_hidden_states[i + 1][:, :num_new] for i in self.target_layer_ids], dim=-1
-        ).to(self.draft.device)
-        next_tokens = input_ids[:, self.num_target_fed_positions + 1 : current_length].to(self.draft.device)
-        position_ids = torch.arange(self.num_target_fed_positions, current_length - 1, device=self.draft.device)
+        ).to(self.draft_device)
+        next_tokens = input_ids[:, self.num_target_fed_positions + 1 : current_length].to(self.draft_device)
+        position_ids = torch.arange(self.num_target_fed_positions, current_length - 1, device=self.draft_device)
 
         self.cache.crop(self.num_target_fed_positions)
         output = self.draft(
@@ -212,6 +215,7 @@ class EdsdCandidateGenerator(CandidateGenerator):
             target_hidden_states=features,
             position_ids=position_ids[None],
             cache=self.cache,
+            logits_to_keep=1,
         )
         self.num_target_fed_positions = current_length - 1
         return output.last_hidden_state[:, -1:], output.logits[:, -1]
@@ -263,9 +267,9 @@ class EdsdCandidateGenerator(CandidateGenerator):
 
             position = input_ids.shape[1] - 1 + step
             output = self.draft(
-                input_ids=token.to(self.draft.device),
+                input_ids=token.to(self.draft_device),
                 draft_hidden_states=hidden_state,
-                position_ids=torch.tensor([[position]], device=self.draft.device),
+                position_ids=torch.tensor([[position]], device=self.draft_device),
                 cache=self.cache,
             )
             hidden_state, draft_logits = output.last_hidden_state, output.logits[:, -1]

@@ -272,6 +272,8 @@ class EdsdDraftModel(EdsdPreTrainedModel):
         t2d[: config.draft_vocab_size] = True
         self.register_buffer("t2d", t2d)
         self._target_embeddings = None
+        # RoPE cos/sin of the first positions, built and grown in eval mode (see `_position_embeddings`).
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.post_init()
         self._fill_drafting_defaults()
 
@@ -358,8 +360,9 @@ class EdsdDraftModel(EdsdPreTrainedModel):
             raise ValueError(
                 "The draft has no token embeddings: call `draft.attach_target(target)` first, or pass `inputs_embeds`."
             )
+        # The head's weight gives the draft's device and dtype without walking every parameter.
         return self._target_embeddings(input_ids.to(self._target_embeddings.weight.device)).to(
-            device=self.device, dtype=self.dtype
+            device=self.lm_head.weight.device, dtype=self.lm_head.weight.dtype
         )
 
     # ----- draft vocabulary --------------------------------------------------------------------
@@ -396,9 +399,36 @@ class EdsdDraftModel(EdsdPreTrainedModel):
                 "Shorten the prompt, or build the draft from a target config with a longer context."
             )
 
+    def _position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.LongTensor):
+        """Return RoPE cos/sin for `position_ids`, looked up in a table when the RoPE type allows.
+
+        Computing cos/sin costs several small operators per call, a visible share of a one-token
+        draft step on CPU. Dynamic and long-context RoPE types rescale with the sequence length, so
+        they are always computed directly, as is everything in training mode.
+        """
+        if self.training or self.rotary_emb.rope_type in ("dynamic", "longrope"):
+            return self.rotary_emb(hidden_states, position_ids)
+        needed = int(position_ids.max()) + 1
+        table = self._rope_table
+        if (
+            table is None
+            or table[0].shape[0] < needed
+            or table[0].device != hidden_states.device
+            or table[0].dtype != hidden_states.dtype
+        ):
+            # Grow by doubling so that a long generation rebuilds the table only a few times, and
+            # never past the positions the draft supports.
+            grown = 2 * table[0].shape[0] if table is not None else 256
+            size = max(needed, min(grown, self.config.max_position_embeddings))
+            all_positions = torch.arange(size, device=hidden_states.device)[None]
+            cos, sin = self.rotary_emb(hidden_states, all_positions)
+            table = self._rope_table = (cos[0], sin[0])
+        cos, sin = table
+        return cos[position_ids], sin[position_ids]
+
     def _decoder_stack(self, feature, inputs_embeds, position_ids, attention_mask, cache):
         hidden_states, attention_input = self.fusion(feature, inputs_embeds)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        position_embeddings = self._position_embeddings(hidden_states, position_ids)
         for layer in self.layers:
             hidden_states = layer(hidden_states, position_embeddings, attention_mask, attention_input, cache)
             attention_input = None
@@ -414,6 +444,7 @@ class EdsdDraftModel(EdsdPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cache: EdsdDraftCache | None = None,
         use_cache: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> EdsdDraftOutput:
         r"""
@@ -432,9 +463,13 @@ class EdsdDraftModel(EdsdPreTrainedModel):
             position_ids (`torch.LongTensor`, *optional*): Defaults to positions after the cached ones.
             cache ([`EdsdDraftCache`], *optional*): Cache to read and extend; a new one is made when
                 `use_cache=True` and none is given.
+            logits_to_keep (`int`, *optional*, defaults to 0): Compute logits only for the last this many
+                positions (0 keeps all). Drafting needs only the last one.
         """
         if (target_hidden_states is None) == (draft_hidden_states is None):
             raise ValueError("Pass exactly one of `target_hidden_states` and `draft_hidden_states`.")
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0 (0 keeps every position), got {logits_to_keep}.")
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass `input_ids` or `inputs_embeds`.")
@@ -457,7 +492,7 @@ class EdsdDraftModel(EdsdPreTrainedModel):
 
         mask = build_causal_attention_mask(query_length, past_length, attention_mask, batch_size, inputs_embeds.device)
         hidden_states = self._decoder_stack(feature, inputs_embeds, position_ids, mask, cache)
-        logits = self.lm_head(self.norm(hidden_states))
+        logits = self.lm_head(self.norm(hidden_states[:, -logits_to_keep:]))
         return EdsdDraftOutput(logits=logits, last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
     def forward_unrolled(
