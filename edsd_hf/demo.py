@@ -110,8 +110,8 @@ def train_or_reuse_draft(output_dir: Path, settings: dict, **train_kwargs) -> Pa
 def run_demo(args) -> int:
     import edsd_hf  # noqa: F401  (registers the EDSD integration)
 
-    from .edsd.train_cli import CurriculumSettings, command_line_training_args
-    from .recipes.target import load_or_train_target, select_autocast_dtype, select_device
+    from .edsd.train_cli import CurriculumSettings
+    from .recipes.target import load_or_train_target
 
     cache_dir = Path(args.cache_dir)
     targets_dir = cache_dir / "targets"
@@ -144,11 +144,6 @@ def run_demo(args) -> int:
         "measure_prompts": 8,
     }
     settings = {k: str(v) for k, v in common.items()}
-    use_bf16 = args.draft_bf16 if args.draft_bf16 is not None else select_autocast_dtype(select_device()) is not None
-    if use_bf16:
-        common["training_args"] = command_line_training_args(use_cpu=False, bf16=True)
-        # Added only when set, so drafts cached by fp32 runs stay valid for fp32 runs.
-        settings["bf16"] = "True"
     drafts_dir = cache_dir / "drafts" / target_dir.name
     edsd_dir = train_or_reuse_draft(
         drafts_dir / "edsd", {**settings, "fusion": "edfuse"}, fusion="edfuse", curriculum=CurriculumSettings(pacing="step"), **common
@@ -201,9 +196,6 @@ def add_subcommands(subparsers) -> None:
     parser.add_argument("--draft-steps", type=int, default=1500, help="Optimizer steps per draft.")
     parser.add_argument("--draft-batch-size", type=int, default=8, help="Sequences per draft training step.")
     parser.add_argument("--draft-learning-rate", type=float, default=1e-3, help="Peak learning rate of draft training.")
-    parser.add_argument("--draft-bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="Train the drafts under bf16 autocast (default: where the target recipe uses it, that is "
-                             "on GPUs with bf16 and CPUs with AVX512-BF16 or AMX).")
     parser.add_argument("--draft-vocab-size", type=int, default=2048, help="Tokens in the draft vocabulary.")
     parser.add_argument("--regenerate", action=argparse.BooleanOptionalAction, default=True,
                         help="Train drafts on the target's own continuations of the training texts.")

@@ -625,20 +625,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
         "--measure-prompts", type=int, default=16, help="Held-out prompts for measuring acceptance in generate()."
     )
     training.add_argument("--use-cpu", action="store_true", help="Train on the CPU even when an accelerator exists.")
-    training.add_argument("--bf16", action="store_true",
-                          help="Train under bf16 autocast with fp32 weights. On a CPU it is faster only with AVX512-BF16 or AMX.")
     parser.set_defaults(func=run_train_draft)
-
-
-def command_line_training_args(use_cpu: bool, bf16: bool) -> dict | None:
-    """Return the `TrainingArguments` fields for the `--use-cpu` and `--bf16` flags (None when neither is set)."""
-    arguments = {}
-    if use_cpu or (bf16 and not torch.cuda.is_available()):
-        # Trainer rejects bf16 without a GPU unless `use_cpu` is set.
-        arguments["use_cpu"] = True
-    if bf16:
-        arguments["bf16"] = True
-    return arguments or None
 
 
 def run_train_draft(args: argparse.Namespace) -> int:
@@ -691,7 +678,7 @@ def run_train_draft(args: argparse.Namespace) -> int:
         measure_prompts=args.measure_prompts,
         dtype=args.dtype,
         data_split=args.data_split,
-        training_args=command_line_training_args(args.use_cpu, args.bf16),
+        training_args={"use_cpu": True} if args.use_cpu else None,
     )
     report_path = Path(output_dir) / TRAINING_REPORT_NAME
     # Under `accelerate launch` only the main process writes the report.
