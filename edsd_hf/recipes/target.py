@@ -74,9 +74,9 @@ class TargetSize:
 
 
 # The step budgets come from throughput measured with bf16 autocast on 2 AMD EPYC cores with AVX512-BF16:
-# the `small` shape trained at about 6,000 tokens/s on an idle machine, the `bench` shape at about 2,700.
-# Other jobs on the same cores cut this by up to 3x, and then the wall-clock budget ends training first.
-# NOTE: `bench` has not been run to completion yet, so its one-hour figure is an estimate.
+# the `small` shape trained at about 6,000 tokens/s on an idle machine, the `bench` shape at about 2,250
+# (1,980 of its 2,400 steps in the hour). Other jobs on the same cores cut this by up to 3x, and then the
+# wall-clock budget ends training earlier.
 TARGET_SIZES: dict[str, TargetSize] = {
     "tiny": TargetSize(
         name="tiny",
