@@ -56,6 +56,11 @@ def machine_description() -> str:
 def run_bench_command(args) -> int:
     import edsd_hf  # noqa: F401  (registers the EDSD integration)
 
+    # Checked before any model is loaded, so that a typo fails at once.
+    invalid_lengths = [k for k in args.num_assistant_tokens or [] if k < 1]
+    if invalid_lengths:
+        raise ValueError(f"Invalid --num-assistant-tokens {invalid_lengths}: every draft length must be at least 1.")
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.target)
@@ -73,8 +78,6 @@ def run_bench_command(args) -> int:
             methods.append(BenchMethod(name, "edsd", draft))
             continue
         for num_tokens in args.num_assistant_tokens:
-            if num_tokens < 1:
-                raise ValueError(f"--num-assistant-tokens values must be at least 1, got {num_tokens}.")
             method_name = name if len(args.num_assistant_tokens) == 1 else f"{name}@{num_tokens}"
             methods.append(BenchMethod(method_name, "edsd", draft, {"num_assistant_tokens": num_tokens}))
 

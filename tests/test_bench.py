@@ -123,3 +123,15 @@ def test_bench_command_sweeps_draft_lengths(trained_llama_pair, tmp_path):
     assert 1.0 < rows["edsd@1"]["tau"] <= 2.0
     assert rows["edsd@4"]["tau"] > rows["edsd@1"]["tau"]
     assert all(tuple(row["identical_to_plain"]) == (2, 2) for row in rows.values())
+
+
+def test_bench_command_rejects_zero_draft_length(tmp_path):
+    from edsd_hf.cli import main
+
+    # The target path does not exist: the draft length must be rejected before any model is loaded.
+    arguments = [
+        "bench", "--target", str(tmp_path / "missing"), "--num-assistant-tokens", "0", "--prompts", "unused",
+        "--output", str(tmp_path / "report"),
+    ]
+    with pytest.raises(ValueError, match="Invalid --num-assistant-tokens \\[0\\]"):
+        main(arguments)

@@ -15,7 +15,8 @@ class EdsdDraftCache:
     the cache writes into preallocated buffers of that many positions (doubled when full) and
     returns views of the filled part. Drafting uses that mode: concatenation copies the whole cache
     for every drafted token, a cost that grows with the sequence and is a visible share of a
-    one-token draft step on CPU.
+    one-token draft step on CPU. In that mode `key_cache` and `value_cache` contain the whole
+    buffers, so read the filled part from `update`'s return value or up to `get_seq_length()`.
     """
 
     def __init__(self, num_layers: int, capacity: int | None = None):
